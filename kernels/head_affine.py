@@ -1,0 +1,242 @@
+"""Triton kernels for the LoFiT head transform of one layer.
+
+    z'_h = (1 + A_h) * z_h + v_h   for the selected heads h, z'_h = z_h for the others
+
+`z` is the input of `o_proj`, viewed as (batch, tokens, num_heads * head_dim). `head_index[k]` is the
+head that slot `k` of `scale` / `offset` (each (K, head_dim), fp32) belongs to.
+
+Why the kernels look like this:
+- The op is out of place. `z` is usually the freshly made `.contiguous()` output of attention, but
+  with some attention implementations it is a view of a tensor that attention saved for its own
+  backward, so writing into it would corrupt that. The copy of unselected heads is the only work
+  on them, and it is fused into the same single pass that transforms the selected heads.
+- Forward grid (token blocks, heads): each program reads its (BLOCK_T, head_dim) tile of z once and
+  writes it once. When the scale is trained, the selected heads' tiles are also written to
+  `z_selected` (tokens, K, head_dim): the only activation backward needs, K/H of z instead of all.
+- Backward with a scale, grid (token programs, heads): one pass over g writes grad_z (g scaled on
+  the selected heads, copied elsewhere) and, for selected heads, fp32 sums of g * z and g over the
+  program's token range.
+- Backward without a scale: grad_z is g itself (the caller returns it, no pass), and the grid
+  (token programs, K) reads only the selected heads' columns of g to sum them.
+- Reductions are deterministic: every program owns a fixed token range and writes one fp32 partial
+  row per slot; the host sums the (programs, K, head_dim) partials with one `sum(0)`. No atomics.
+- Everything is computed in fp32 and cast on store (bf16 math is also wrong under the interpreter).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _slot_of_head(head_index_ptr, num_selected, head, BLOCK_K: tl.constexpr):
+    """The slot that `head` occupies in `head_index`, or -1 when the head is not selected."""
+    slots = tl.arange(0, BLOCK_K)
+    heads = tl.load(head_index_ptr + slots, mask=slots < num_selected, other=-1)
+    return tl.max(tl.where(heads == head, slots, -1), axis=0)
+
+
+@triton.jit
+def _head_affine_forward_kernel(
+    z_ptr, out_ptr, z_selected_ptr, head_index_ptr, scale_ptr, offset_ptr,
+    num_tokens, seq_len, num_selected,
+    stride_zb, stride_zt, stride_zc,
+    HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr, SAVE_SELECTED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = _slot_of_head(head_index_ptr, num_selected, head, BLOCK_K)
+
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    token_mask = tokens < num_tokens
+    col_mask = cols < HEAD_DIM
+    mask = token_mask[:, None] & col_mask[None, :]
+    # (batch, token) strides are kept apart so that views like z[:, ::2] need no copy.
+    z_rows = (tokens // seq_len) * stride_zb + (tokens % seq_len) * stride_zt
+    z_offsets = z_rows[:, None] + (head * HEAD_DIM + cols)[None, :] * stride_zc
+    out_offsets = tokens[:, None] * (NUM_HEADS * HEAD_DIM) + (head * HEAD_DIM + cols)[None, :]
+
+    z = tl.load(z_ptr + z_offsets, mask=mask, other=0.0)
+    if slot >= 0:
+        y = z.to(tl.float32)
+        if HAS_SCALE:
+            a = tl.load(scale_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = y * (1.0 + a[None, :])
+            if SAVE_SELECTED:
+                saved_offsets = tokens[:, None] * (num_selected * HEAD_DIM) + (slot * HEAD_DIM + cols)[None, :]
+                tl.store(z_selected_ptr + saved_offsets, z, mask=mask)
+        if HAS_OFFSET:
+            v = tl.load(offset_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = y + v[None, :]
+        tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + out_offsets, z, mask=mask)
+
+
+@triton.jit
+def _head_affine_backward_kernel(
+    grad_out_ptr, z_selected_ptr, grad_z_ptr, grad_scale_partial_ptr, grad_offset_partial_ptr,
+    head_index_ptr, scale_ptr,
+    num_tokens, seq_len, num_selected, tokens_per_program,
+    stride_gb, stride_gt, stride_gc,
+    HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, WRITE_GRAD_Z: tl.constexpr,
+    NEED_GRAD_SCALE: tl.constexpr, NEED_GRAD_OFFSET: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    # With WRITE_GRAD_Z every head needs its grad_z tile written, so axis 1 walks heads; otherwise
+    # only the selected heads' columns are read, so axis 1 walks slots.
+    if WRITE_GRAD_Z:
+        head = tl.program_id(1)
+        slot = _slot_of_head(head_index_ptr, num_selected, head, BLOCK_K)
+    else:
+        slot = tl.program_id(1)
+        head = tl.load(head_index_ptr + slot).to(tl.int32)
+
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < HEAD_DIM
+    first_token = pid_t * tokens_per_program
+    last_token = tl.minimum(first_token + tokens_per_program, num_tokens)
+
+    if slot >= 0:
+        multiplier = tl.full((BLOCK_D,), 1.0, tl.float32)
+        if HAS_SCALE:
+            multiplier += tl.load(scale_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
+        sum_gz = tl.zeros((BLOCK_D,), tl.float32)
+        sum_g = tl.zeros((BLOCK_D,), tl.float32)
+        for start in range(first_token, last_token, BLOCK_T):
+            tokens = start + tl.arange(0, BLOCK_T)
+            mask = (tokens < last_token)[:, None] & col_mask[None, :]
+            g_rows = (tokens // seq_len) * stride_gb + (tokens % seq_len) * stride_gt
+            g_offsets = g_rows[:, None] + (head * HEAD_DIM + cols)[None, :] * stride_gc
+            g = tl.load(grad_out_ptr + g_offsets, mask=mask, other=0.0).to(tl.float32)
+            if WRITE_GRAD_Z:
+                out_offsets = tokens[:, None] * (NUM_HEADS * HEAD_DIM) + (head * HEAD_DIM + cols)[None, :]
+                grad_z = g * multiplier[None, :]
+                tl.store(grad_z_ptr + out_offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
+            if NEED_GRAD_SCALE:
+                saved_offsets = tokens[:, None] * (num_selected * HEAD_DIM) + (slot * HEAD_DIM + cols)[None, :]
+                z = tl.load(z_selected_ptr + saved_offsets, mask=mask, other=0.0).to(tl.float32)
+                sum_gz += tl.sum(g * z, axis=0)
+            if NEED_GRAD_OFFSET:
+                sum_g += tl.sum(g, axis=0)
+        partial_offsets = (pid_t * num_selected + slot) * HEAD_DIM + cols
+        if NEED_GRAD_SCALE:
+            tl.store(grad_scale_partial_ptr + partial_offsets, sum_gz, mask=col_mask)
+        if NEED_GRAD_OFFSET:
+            tl.store(grad_offset_partial_ptr + partial_offsets, sum_g, mask=col_mask)
+    else:
+        for start in range(first_token, last_token, BLOCK_T):
+            tokens = start + tl.arange(0, BLOCK_T)
+            mask = (tokens < last_token)[:, None] & col_mask[None, :]
+            g_rows = (tokens // seq_len) * stride_gb + (tokens % seq_len) * stride_gt
+            g_offsets = g_rows[:, None] + (head * HEAD_DIM + cols)[None, :] * stride_gc
+            out_offsets = tokens[:, None] * (NUM_HEADS * HEAD_DIM) + (head * HEAD_DIM + cols)[None, :]
+            g = tl.load(grad_out_ptr + g_offsets, mask=mask, other=0.0)
+            tl.store(grad_z_ptr + out_offsets, g, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+# A tile of BLOCK_T tokens x head_dim columns per program; 64 x 128 fp32 is 32 KB of registers.
+_BLOCK_T = 64
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, channels) view of x; leading dims beyond two are merged (a copy only if needed)."""
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() == 3:
+        return x
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _token_programs(num_tokens: int, num_columns: int, device: torch.device) -> int:
+    """How many programs split the token axis in backward: enough to fill the device a few times over,
+    few enough that the (programs, K, head_dim) partial sums stay small."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8
+    blocks = triton.cdiv(num_tokens, _BLOCK_T)
+    return max(1, min(blocks, triton.cdiv(target, num_columns)))
+
+
+def head_affine_forward(z, head_index, scale, offset, save_selected):
+    """Returns (z', z_selected); z_selected is (tokens, K, head_dim) when saved, else empty."""
+    head_dim = (scale if scale is not None else offset).shape[-1]
+    num_heads = z.shape[-1] // head_dim
+    num_selected = head_index.numel()
+    z3 = _as_3d(z)
+    num_tokens = z3.shape[0] * z3.shape[1]
+    out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    save_selected = save_selected and scale is not None
+    z_selected = z.new_empty((num_tokens, num_selected, head_dim) if save_selected else (0,))
+    if num_tokens == 0:
+        return out, z_selected
+    grid = (triton.cdiv(num_tokens, _BLOCK_T), num_heads)
+    _head_affine_forward_kernel[grid](
+        z3, out, z_selected, head_index, scale, offset,
+        num_tokens, max(z3.shape[1], 1), num_selected,
+        z3.stride(0), z3.stride(1), z3.stride(2),
+        HEAD_DIM=head_dim, NUM_HEADS=num_heads,
+        HAS_SCALE=scale is not None, HAS_OFFSET=offset is not None, SAVE_SELECTED=save_selected,
+        BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_K=triton.next_power_of_2(num_selected),
+    )
+    return out, z_selected
+
+
+def head_affine_backward(grad_out, z_selected, head_index, scale, head_dim,
+                         need_grad_z, need_grad_scale, need_grad_offset):
+    """Returns (grad_z or None, grad_scale or None, grad_offset or None).
+
+    grad_z is None when there is no scale (the gradient then passes through unchanged and the caller
+    hands grad_out on as it is) or when it is not needed (z of the lowest patched layer).
+    """
+    num_heads = grad_out.shape[-1] // head_dim
+    num_selected = head_index.numel()
+    g3 = _as_3d(grad_out)
+    num_tokens = g3.shape[0] * g3.shape[1]
+    write_grad_z = need_grad_z and scale is not None
+    need_grad_scale = need_grad_scale and scale is not None
+    if not (write_grad_z or need_grad_scale or need_grad_offset):
+        return None, None, None
+    num_columns = num_heads if write_grad_z else num_selected
+    programs = _token_programs(num_tokens, num_columns, grad_out.device)
+    tokens_per_program = triton.cdiv(triton.cdiv(num_tokens, programs), _BLOCK_T) * _BLOCK_T
+    programs = max(1, triton.cdiv(num_tokens, tokens_per_program))
+
+    grad_z = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) if write_grad_z else None
+    partial_shape = (programs, num_selected, head_dim)
+    f32 = dict(dtype=torch.float32, device=grad_out.device)
+    grad_scale_partial = torch.empty(partial_shape, **f32) if need_grad_scale else None
+    grad_offset_partial = torch.empty(partial_shape, **f32) if need_grad_offset else None
+    # Programs with no tokens (possible only when num_tokens == 0) write nothing: zero-fill then.
+    if num_tokens == 0:
+        for partial in (grad_scale_partial, grad_offset_partial):
+            if partial is not None:
+                partial.zero_()
+    else:
+        _head_affine_backward_kernel[(programs, num_columns)](
+            g3, z_selected, grad_z, grad_scale_partial, grad_offset_partial,
+            head_index, scale,
+            num_tokens, max(g3.shape[1], 1), num_selected, tokens_per_program,
+            g3.stride(0), g3.stride(1), g3.stride(2),
+            HEAD_DIM=head_dim, NUM_HEADS=num_heads,
+            HAS_SCALE=scale is not None, WRITE_GRAD_Z=write_grad_z,
+            NEED_GRAD_SCALE=need_grad_scale, NEED_GRAD_OFFSET=need_grad_offset,
+            BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_K=triton.next_power_of_2(num_selected),
+        )
+    grad_scale = grad_scale_partial.sum(0) if need_grad_scale else None
+    grad_offset = grad_offset_partial.sum(0) if need_grad_offset else None
+    return grad_z, grad_scale, grad_offset

@@ -1,0 +1,213 @@
+"""The LoFiT head transform as a registered torch op, with its plain PyTorch implementation.
+
+    z'_h = (1 + scale_k) * z_h + offset_k   for h = head_index[k];   z'_h = z_h for other heads
+
+`z` is the input of one layer's `o_proj`, (..., num_heads * head_dim). `scale` and `offset` are
+(K, head_dim), usually fp32 master weights; either may be None. Two backends compute the op:
+"triton" (the fused kernels in `lofit_fast.kernels`) and "torch" (this file: the CPU path and the
+test oracle, exact in fp64). Both run behind one `torch.library.custom_op` with one autograd rule,
+so `torch.compile(fullgraph=True)` sees a single opaque node and backward saves the same thing
+either way: the selected heads' slice of z, and only when the scale needs a gradient.
+"""
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain PyTorch implementation
+# ----------------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (the reference runs in fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def head_affine_torch_forward(z, head_index, scale, offset, save_selected):
+    """Returns (z', z_selected): z_selected is the selected heads of z, (tokens, K, head_dim), when
+    saved for the scale's gradient, else an empty tensor."""
+    head_dim = (scale if scale is not None else offset).shape[-1]
+    compute = _compute_dtype(z.dtype)
+    z_heads = z.unflatten(-1, (-1, head_dim))
+    selected = z_heads.index_select(-2, head_index)
+    transformed = selected.to(compute)
+    if scale is not None:
+        transformed = transformed * (1 + scale.to(compute))
+    if offset is not None:
+        transformed = transformed + offset.to(compute)
+    out = z_heads.clone(memory_format=torch.contiguous_format)
+    out.index_copy_(-2, head_index, transformed.to(z.dtype))
+    if save_selected and scale is not None:
+        z_selected = selected.reshape(-1, head_index.numel(), head_dim)
+    else:
+        z_selected = z.new_empty((0,))
+    return out.flatten(-2), z_selected
+
+
+def head_affine_torch_backward(grad_out, z_selected, head_index, scale, head_dim,
+                               need_grad_z, need_grad_scale, need_grad_offset):
+    """Returns (grad_z or None, grad_scale or None, grad_offset or None); grad_z is None when there is
+    no scale (the gradient passes through unchanged) or when it is not needed."""
+    compute = _compute_dtype(grad_out.dtype)
+    g_heads = grad_out.unflatten(-1, (-1, head_dim))
+    g_selected = g_heads.index_select(-2, head_index).to(compute)
+    g_rows = g_selected.reshape(-1, head_index.numel(), head_dim)
+    grad_scale = grad_offset = grad_z = None
+    if need_grad_scale and scale is not None:
+        grad_scale = (g_rows * z_selected.to(compute)).sum(0)
+    if need_grad_offset:
+        grad_offset = g_rows.sum(0)
+    if need_grad_z and scale is not None:
+        grad_z = g_heads.clone(memory_format=torch.contiguous_format)
+        grad_z.index_copy_(-2, head_index, (g_selected * (1 + scale.to(compute))).to(grad_out.dtype))
+        grad_z = grad_z.flatten(-2)
+    return grad_z, grad_scale, grad_offset
+
+
+def head_affine_reference(z, head_index, scale=None, offset=None):
+    """The transform written out head by head: short enough to check by eye, differentiable by autograd.
+    Tests run it in fp64 as the oracle for both backends."""
+    head_dim = (scale if scale is not None else offset).shape[-1]
+    heads = list(z.unflatten(-1, (-1, head_dim)).unbind(-2))
+    for slot, head in enumerate(head_index.tolist()):
+        if scale is not None:
+            heads[head] = heads[head] * (1 + scale[slot])
+        if offset is not None:
+            heads[head] = heads[head] + offset[slot]
+    return torch.stack(heads, dim=-2).flatten(-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend choice
+# ----------------------------------------------------------------------------------------------
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; it ships for Linux)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return None
+    if device.type == "cpu":
+        return ("Triton compiles for GPUs and these tensors are on the CPU; set TRITON_INTERPRET=1 "
+                "before importing lofit_fast to run the kernels in Triton's interpreter")
+    return f"Triton kernels run on CUDA devices, not on {device.type!r}"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'torch' or 'triton' for a tensor on `device` of `dtype`; ValueError when `backend` cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(device)
+    if reason is None and dtype not in _TRITON_DTYPES:
+        reason = f"the kernels take fp32, bf16 or fp16 activations, not {dtype}"
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run: {reason}. Use backend='torch' or 'auto'.")
+    return "torch" if reason is not None else "triton"
+
+
+def _kernels():
+    # Imported on first use: Triton reads TRITON_INTERPRET when the kernels are defined.
+    from lofit_fast import kernels
+
+    return kernels
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered op
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lofit_fast::head_affine", mutates_args=())
+def _head_affine_op(z: Tensor, head_index: Tensor, scale: Optional[Tensor], offset: Optional[Tensor],
+                    save_selected: bool, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _kernels().head_affine_forward(z, head_index, scale, offset, save_selected)
+    return head_affine_torch_forward(z, head_index, scale, offset, save_selected)
+
+
+@_head_affine_op.register_fake
+def _(z, head_index, scale, offset, save_selected, backend):
+    head_dim = (scale if scale is not None else offset).shape[-1]
+    num_tokens = z.numel() // z.shape[-1]
+    saved_shape = (num_tokens, head_index.shape[0], head_dim) if save_selected and scale is not None else (0,)
+    return z.new_empty(z.shape), z.new_empty(saved_shape)
+
+
+@torch.library.custom_op("lofit_fast::head_affine_backward", mutates_args=())
+def _head_affine_backward_op(grad_out: Tensor, z_selected: Tensor, head_index: Tensor,
+                             scale: Optional[Tensor], head_dim: int, need_grad_z: bool,
+                             need_grad_scale: bool, need_grad_offset: bool,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom ops return no None, so a gradient that is not computed comes back as an empty tensor."""
+    implementation = _kernels().head_affine_backward if backend == "triton" else head_affine_torch_backward
+    grads = implementation(grad_out, z_selected, head_index, scale, head_dim,
+                           need_grad_z, need_grad_scale, need_grad_offset)
+    return tuple(grad_out.new_empty((0,)) if grad is None else grad for grad in grads)
+
+
+@_head_affine_backward_op.register_fake
+def _(grad_out, z_selected, head_index, scale, head_dim, need_grad_z, need_grad_scale, need_grad_offset,
+      backend):
+    empty = grad_out.new_empty((0,))
+    param_grad = grad_out.new_empty((head_index.shape[0], head_dim), dtype=torch.float32)
+    grad_z = grad_out.new_empty(grad_out.shape) if need_grad_z and scale is not None else empty
+    return (grad_z, param_grad if need_grad_scale and scale is not None else empty,
+            param_grad if need_grad_offset else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    z, head_index, scale, offset, save_selected, backend = inputs
+    ctx.save_for_backward(output[1], head_index, scale)
+    ctx.head_dim = (scale if scale is not None else offset).shape[-1]
+    ctx.backend = backend
+    ctx.scale_dtype = scale.dtype if scale is not None else None
+    ctx.offset_dtype = offset.dtype if offset is not None else None
+
+
+def _backward(ctx, grad_out, _grad_z_selected):
+    z_selected, head_index, scale = ctx.saved_tensors
+    need_grad_z, _, need_grad_scale, need_grad_offset = ctx.needs_input_grad[:4]
+    if need_grad_scale and z_selected.numel() == 0 and grad_out.numel() > 0:
+        raise RuntimeError("lofit_fast::head_affine was called with save_selected=False, but the scale "
+                           "needs a gradient; call lofit_fast.ops.head_affine, which sets it")
+    grad_z, grad_scale, grad_offset = _head_affine_backward_op(
+        grad_out, z_selected, head_index, scale, ctx.head_dim,
+        need_grad_z, need_grad_scale, need_grad_offset, ctx.backend)
+    if need_grad_z and scale is None:
+        grad_z = grad_out  # the transform is a shift: its gradient passes through unchanged
+    return (grad_z if need_grad_z else None, None,
+            grad_scale.to(ctx.scale_dtype) if need_grad_scale else None,
+            grad_offset.to(ctx.offset_dtype) if need_grad_offset else None, None, None)
+
+
+_head_affine_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def head_affine(z: Tensor, head_index: Tensor, scale: Optional[Tensor] = None,
+                offset: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Apply `z'_h = (1 + scale) * z_h + offset` to the heads in `head_index` (see the module doc).
+
+    `backend` is "auto" (Triton for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1; torch
+    otherwise), "torch" or "triton".
+    """
+    if scale is None and offset is None:
+        raise ValueError("head_affine needs a scale, an offset or both; both are None")
+    backend = resolve_backend(backend, z.device, z.dtype)
+    # Only a scale that is being trained needs the selected heads of z saved for backward.
+    save_selected = scale is not None and scale.requires_grad and torch.is_grad_enabled()
+    out, _ = _head_affine_op(z, head_index, scale, offset, save_selected, backend)
+    return out
