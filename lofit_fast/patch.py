@@ -148,6 +148,8 @@ class LofitHandle:
         self.num_layers, self.num_heads, self.head_dim = shape.num_layers, shape.num_heads, shape.head_dim
         self.backend = backend
         self.enabled = True
+        # Training settings that produced these parameters; save_pretrained writes them to adapter_config.json.
+        self.method_settings: dict = {}
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -184,6 +186,19 @@ class LofitHandle:
             yield self.model
         finally:
             self.enabled = previous
+
+    def save_pretrained(self, directory) -> None:
+        """Write adapter_config.json and adapter_model.safetensors to `directory` (atomically)."""
+        from .adapter import save_adapter
+
+        save_adapter(self, directory)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the adapter into o_proj (offsets into its bias, scales into its weight columns), remove
+        LoFiT, and return the plain model."""
+        from .adapter import merge_and_unload
+
+        return merge_and_unload(self)
 
     def remove(self) -> nn.Module:
         """Take LoFiT out of the model: hooks, parameters, and the requires_grad flags it changed.
