@@ -157,8 +157,7 @@ class LofitHandle:
         device = _first_parameter_device(o_projs[0])
         self.lofit = LofitParameters(heads, shape.head_dim, scale, offset, device)
         model.add_module(LOFIT_MODULE_NAME, self.lofit)
-        self._hooks = [o_projs[layer].register_forward_pre_hook(self._make_hook(layer))
-                       for layer in self.lofit.layers]
+        self._hooks = [self._attach(o_projs[layer], layer) for layer in self.lofit.layers]
 
     @property
     def scale(self) -> Optional[nn.Parameter]:
@@ -168,7 +167,13 @@ class LofitHandle:
     def offset(self) -> Optional[nn.Parameter]:
         return self.lofit.offset
 
-    def _make_hook(self, layer: int):
+    def _attach(self, o_proj: nn.Module, layer: int):
+        if self.lofit.scale is None:
+            return o_proj.register_forward_hook(self._make_offset_fold_hook(layer))
+        return o_proj.register_forward_pre_hook(self._make_transform_hook(layer))
+
+    def _make_transform_hook(self, layer: int):
+        """Scales (and offsets, in the same pass): replace o_proj's input z with z'."""
         def apply_lofit(module, args):
             if not self.enabled:
                 return None
@@ -177,6 +182,21 @@ class LofitHandle:
             return (head_affine(z, head_index, scale, offset, backend=self.backend), *args[1:])
 
         return apply_lofit
+
+    def _make_offset_fold_hook(self, layer: int):
+        """Offsets only: o_proj(z + v_hat) = o_proj(z) + (o_proj(v_hat) - o_proj(0)), so the offsets enter
+        as one vector added to o_proj's output and no per-token work touches z. Backward gets
+        dL/dv = W_sel^T sum_t dL/dy through the small shift computation, and dL/dz is unchanged."""
+        def add_folded_offset(module, args, output):
+            if not self.enabled:
+                return None
+            z = args[0]
+            head_index, _, offset = self.lofit.layer_tensors(layer, z.device)
+            shift = folded_offset(module, head_index, offset, self.head_dim, z.dtype)
+            # In place: o_proj's backward does not need its output, and a new tensor would cost a pass.
+            return output.add_(shift.to(output.dtype))
+
+        return add_folded_offset
 
     @contextlib.contextmanager
     def disabled(self):
@@ -217,6 +237,21 @@ class LofitHandle:
         return (f"LofitHandle({len(self.heads)} heads over {len(self.lofit.layers) if self.lofit else 0} layers, "
                 f"head_dim={self.head_dim}, scale={self.scale is not None}, offset={self.offset is not None}, "
                 f"backend={self.backend!r})")
+
+
+def folded_offset(o_proj: nn.Module, head_index: torch.Tensor, offset: torch.Tensor, head_dim: int,
+                  input_dtype: torch.dtype) -> torch.Tensor:
+    """The change of o_proj's output caused by adding `offset` to the selected heads of its input:
+    W[:, selected columns] @ v for a plain Linear (fp32); for any other layer (bitsandbytes, ...)
+    o_proj(v_hat) - o_proj(0) with one two-row call, exact for 4-bit (dequantize, then matmul). LLM.int8
+    quantizes each input row, so on an 8-bit o_proj this is the int8 image of v_hat, not of z + v_hat."""
+    columns = (head_index[:, None] * head_dim + torch.arange(head_dim, device=head_index.device)).flatten()
+    if type(o_proj) is nn.Linear:
+        return torch.nn.functional.linear(offset.reshape(-1).float(), o_proj.weight.index_select(1, columns).float())
+    probe = torch.zeros(2, o_proj.in_features, dtype=input_dtype, device=offset.device)
+    probe = probe.index_put((torch.zeros_like(columns), columns), offset.reshape(-1).to(input_dtype))
+    rows = o_proj(probe)
+    return rows[0].float() - rows[1].float()
 
 
 def _first_parameter_device(module: nn.Module) -> torch.device:
