@@ -78,11 +78,12 @@ def _head_affine_forward_kernel(
 
 @triton.jit
 def _head_affine_backward_kernel(
-    grad_out_ptr, z_selected_ptr, grad_z_ptr, grad_scale_partial_ptr, grad_offset_partial_ptr,
+    grad_out_ptr, saved_ptr, grad_z_ptr, grad_scale_partial_ptr, grad_offset_partial_ptr,
     head_index_ptr, scale_ptr,
     num_tokens, seq_len, num_selected, tokens_per_program,
     stride_gb, stride_gt, stride_gc,
-    HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
+    stride_sb, stride_st, stride_sc,
+    HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, SAVED_BY_HEAD: tl.constexpr,
     HAS_SCALE: tl.constexpr, WRITE_GRAD_Z: tl.constexpr,
     NEED_GRAD_SCALE: tl.constexpr, NEED_GRAD_OFFSET: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -119,8 +120,14 @@ def _head_affine_backward_kernel(
                 grad_z = g * multiplier[None, :]
                 tl.store(grad_z_ptr + out_offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
             if NEED_GRAD_SCALE:
-                saved_offsets = tokens[:, None] * (num_selected * HEAD_DIM) + (slot * HEAD_DIM + cols)[None, :]
-                z = tl.load(z_selected_ptr + saved_offsets, mask=mask, other=0.0).to(tl.float32)
+                # The saved activation is z itself (all heads selected, head order) or the selected heads.
+                saved_rows = (tokens // seq_len) * stride_sb + (tokens % seq_len) * stride_st
+                if SAVED_BY_HEAD:
+                    saved_cols = head * HEAD_DIM + cols
+                else:
+                    saved_cols = slot * HEAD_DIM + cols
+                saved_offsets = saved_rows[:, None] + saved_cols[None, :] * stride_sc
+                z = tl.load(saved_ptr + saved_offsets, mask=mask, other=0.0).to(tl.float32)
                 sum_gz += tl.sum(g * z, axis=0)
             if NEED_GRAD_OFFSET:
                 sum_g += tl.sum(g, axis=0)
@@ -178,7 +185,8 @@ def head_affine_forward(z, head_index, scale, offset, save_selected):
     z3 = _as_3d(z)
     num_tokens = z3.shape[0] * z3.shape[1]
     out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    save_selected = save_selected and scale is not None
+    # With every head selected, autograd saves z itself instead (see lofit_fast.ops).
+    save_selected = save_selected and scale is not None and num_selected < num_heads
     z_selected = z.new_empty((num_tokens, num_selected, head_dim) if save_selected else (0,))
     if num_tokens == 0:
         return out, z_selected
@@ -195,9 +203,11 @@ def head_affine_forward(z, head_index, scale, offset, save_selected):
     return out, z_selected
 
 
-def head_affine_backward(grad_out, z_selected, head_index, scale, head_dim,
+def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
                          need_grad_z, need_grad_scale, need_grad_offset):
     """Returns (grad_z or None, grad_scale or None, grad_offset or None).
+
+    `saved` is z itself when every head is selected, else z_selected from the forward (slot order).
 
     grad_z is None when there is no scale (the gradient then passes through unchanged and the caller
     hands grad_out on as it is) or when it is not needed (z of the lowest patched layer).
@@ -210,6 +220,13 @@ def head_affine_backward(grad_out, z_selected, head_index, scale, head_dim,
     need_grad_scale = need_grad_scale and scale is not None
     if not (write_grad_z or need_grad_scale or need_grad_offset):
         return None, None, None
+    saved_by_head = num_selected == num_heads
+    if need_grad_scale:
+        # Index the saved activation with grad_out's (batch, token) layout; z_selected is (tokens, K, D).
+        s3 = _as_3d(saved) if saved_by_head else saved.view(g3.shape[0], g3.shape[1], num_selected * head_dim)
+        saved_strides = (s3.stride(0), s3.stride(1), s3.stride(2))
+    else:
+        s3, saved_strides = saved, (0, 0, 0)
     num_columns = num_heads if write_grad_z else num_selected
     programs = _token_programs(num_tokens, num_columns, grad_out.device)
     tokens_per_program = triton.cdiv(triton.cdiv(num_tokens, programs), _BLOCK_T) * _BLOCK_T
@@ -227,11 +244,12 @@ def head_affine_backward(grad_out, z_selected, head_index, scale, head_dim,
                 partial.zero_()
     else:
         _head_affine_backward_kernel[(programs, num_columns)](
-            g3, z_selected, grad_z, grad_scale_partial, grad_offset_partial,
+            g3, s3, grad_z, grad_scale_partial, grad_offset_partial,
             head_index, scale,
             num_tokens, max(g3.shape[1], 1), num_selected, tokens_per_program,
             g3.stride(0), g3.stride(1), g3.stride(2),
-            HEAD_DIM=head_dim, NUM_HEADS=num_heads,
+            *saved_strides,
+            HEAD_DIM=head_dim, NUM_HEADS=num_heads, SAVED_BY_HEAD=saved_by_head,
             HAS_SCALE=scale is not None, WRITE_GRAD_Z=write_grad_z,
             NEED_GRAD_SCALE=need_grad_scale, NEED_GRAD_OFFSET=need_grad_offset,
             BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(head_dim),

@@ -30,12 +30,36 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _saves_input(z, head_index, head_dim) -> bool:
+    """With every head selected, backward's copy of the selected heads would be all of z: z itself is
+    saved instead (same memory, no copy)."""
+    return head_index.numel() * head_dim == z.shape[-1]
+
+
+def _by_head(params, head_index):
+    """(K, D) rows in slot order -> (H, D) rows in head order; only called when every head is selected."""
+    return params.new_empty(params.shape).index_copy_(0, head_index, params)
+
+
 def head_affine_torch_forward(z, head_index, scale, offset, save_selected):
     """Returns (z', z_selected): z_selected is the selected heads of z, (tokens, K, head_dim), when
-    saved for the scale's gradient, else an empty tensor."""
+    saved for the scale's gradient and fewer than all heads are selected, else an empty tensor."""
     head_dim = (scale if scale is not None else offset).shape[-1]
     compute = _compute_dtype(z.dtype)
     z_heads = z.unflatten(-1, (-1, head_dim))
+    empty = z.new_empty((0,))
+    if _saves_input(z, head_index, head_dim):
+        # Every head: one dense multiply-add over z, no gather or scatter.
+        multiplier = 1 + _by_head(scale.to(compute), head_index) if scale is not None else None
+        shift = _by_head(offset.to(compute), head_index) if offset is not None else None
+        transformed = z_heads.to(compute)
+        if multiplier is not None and shift is not None:
+            transformed = torch.addcmul(shift, transformed, multiplier)
+        elif multiplier is not None:
+            transformed = transformed * multiplier
+        else:
+            transformed = transformed + shift
+        return transformed.to(z.dtype).flatten(-2), empty
     selected = z_heads.index_select(-2, head_index)
     transformed = selected.to(compute)
     if scale is not None:
@@ -44,24 +68,33 @@ def head_affine_torch_forward(z, head_index, scale, offset, save_selected):
         transformed = transformed + offset.to(compute)
     out = z_heads.clone(memory_format=torch.contiguous_format)
     out.index_copy_(-2, head_index, transformed.to(z.dtype))
-    if save_selected and scale is not None:
-        z_selected = selected.reshape(-1, head_index.numel(), head_dim)
-    else:
-        z_selected = z.new_empty((0,))
+    z_selected = selected.reshape(-1, head_index.numel(), head_dim) if save_selected and scale is not None else empty
     return out.flatten(-2), z_selected
 
 
-def head_affine_torch_backward(grad_out, z_selected, head_index, scale, head_dim,
+def head_affine_torch_backward(grad_out, saved, head_index, scale, head_dim,
                                need_grad_z, need_grad_scale, need_grad_offset):
     """Returns (grad_z or None, grad_scale or None, grad_offset or None); grad_z is None when there is
-    no scale (the gradient passes through unchanged) or when it is not needed."""
+    no scale (the gradient passes through unchanged) or when it is not needed. `saved` is z itself when
+    every head is selected, else the selected heads of z in slot order (see the forward)."""
     compute = _compute_dtype(grad_out.dtype)
     g_heads = grad_out.unflatten(-1, (-1, head_dim))
+    grad_scale = grad_offset = grad_z = None
+    if _saves_input(grad_out, head_index, head_dim):
+        g_rows = g_heads.reshape(-1, head_index.numel(), head_dim).to(compute)
+        if need_grad_scale and scale is not None:
+            z_rows = saved.unflatten(-1, (-1, head_dim)).reshape(g_rows.shape)
+            grad_scale = (g_rows * z_rows.to(compute)).sum(0).index_select(0, head_index)
+        if need_grad_offset:
+            grad_offset = g_rows.sum(0).index_select(0, head_index)
+        if need_grad_z and scale is not None:
+            multiplier = 1 + _by_head(scale.to(compute), head_index)
+            grad_z = (g_heads.to(compute) * multiplier).to(grad_out.dtype).flatten(-2)
+        return grad_z, grad_scale, grad_offset
     g_selected = g_heads.index_select(-2, head_index).to(compute)
     g_rows = g_selected.reshape(-1, head_index.numel(), head_dim)
-    grad_scale = grad_offset = grad_z = None
     if need_grad_scale and scale is not None:
-        grad_scale = (g_rows * z_selected.to(compute)).sum(0)
+        grad_scale = (g_rows * saved.to(compute)).sum(0)
     if need_grad_offset:
         grad_offset = g_rows.sum(0)
     if need_grad_z and scale is not None:
@@ -143,24 +176,25 @@ def _head_affine_op(z: Tensor, head_index: Tensor, scale: Optional[Tensor], offs
 def _(z, head_index, scale, offset, save_selected, backend):
     head_dim = (scale if scale is not None else offset).shape[-1]
     num_tokens = z.numel() // z.shape[-1]
-    saved_shape = (num_tokens, head_index.shape[0], head_dim) if save_selected and scale is not None else (0,)
+    copies = save_selected and scale is not None and not _saves_input(z, head_index, head_dim)
+    saved_shape = (num_tokens, head_index.shape[0], head_dim) if copies else (0,)
     return z.new_empty(z.shape), z.new_empty(saved_shape)
 
 
 @torch.library.custom_op("lofit_fast::head_affine_backward", mutates_args=())
-def _head_affine_backward_op(grad_out: Tensor, z_selected: Tensor, head_index: Tensor,
+def _head_affine_backward_op(grad_out: Tensor, saved: Tensor, head_index: Tensor,
                              scale: Optional[Tensor], head_dim: int, need_grad_z: bool,
                              need_grad_scale: bool, need_grad_offset: bool,
                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Custom ops return no None, so a gradient that is not computed comes back as an empty tensor."""
     implementation = _kernels().head_affine_backward if backend == "triton" else head_affine_torch_backward
-    grads = implementation(grad_out, z_selected, head_index, scale, head_dim,
+    grads = implementation(grad_out, saved, head_index, scale, head_dim,
                            need_grad_z, need_grad_scale, need_grad_offset)
     return tuple(grad_out.new_empty((0,)) if grad is None else grad for grad in grads)
 
 
 @_head_affine_backward_op.register_fake
-def _(grad_out, z_selected, head_index, scale, head_dim, need_grad_z, need_grad_scale, need_grad_offset,
+def _(grad_out, saved, head_index, scale, head_dim, need_grad_z, need_grad_scale, need_grad_offset,
       backend):
     empty = grad_out.new_empty((0,))
     param_grad = grad_out.new_empty((head_index.shape[0], head_dim), dtype=torch.float32)
@@ -171,21 +205,22 @@ def _(grad_out, z_selected, head_index, scale, head_dim, need_grad_z, need_grad_
 
 def _setup_context(ctx, inputs, output):
     z, head_index, scale, offset, save_selected, backend = inputs
-    ctx.save_for_backward(output[1], head_index, scale)
     ctx.head_dim = (scale if scale is not None else offset).shape[-1]
+    saves_input = save_selected and scale is not None and _saves_input(z, head_index, ctx.head_dim)
+    ctx.save_for_backward(z if saves_input else output[1], head_index, scale)
     ctx.backend = backend
     ctx.scale_dtype = scale.dtype if scale is not None else None
     ctx.offset_dtype = offset.dtype if offset is not None else None
 
 
 def _backward(ctx, grad_out, _grad_z_selected):
-    z_selected, head_index, scale = ctx.saved_tensors
+    saved, head_index, scale = ctx.saved_tensors
     need_grad_z, _, need_grad_scale, need_grad_offset = ctx.needs_input_grad[:4]
-    if need_grad_scale and z_selected.numel() == 0 and grad_out.numel() > 0:
+    if need_grad_scale and saved.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("lofit_fast::head_affine was called with save_selected=False, but the scale "
                            "needs a gradient; call lofit_fast.ops.head_affine, which sets it")
     grad_z, grad_scale, grad_offset = _head_affine_backward_op(
-        grad_out, z_selected, head_index, scale, ctx.head_dim,
+        grad_out, saved, head_index, scale, ctx.head_dim,
         need_grad_z, need_grad_scale, need_grad_offset, ctx.backend)
     if need_grad_z and scale is None:
         grad_z = grad_out  # the transform is a shift: its gradient passes through unchanged
