@@ -229,7 +229,8 @@ def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
         s3, saved_strides = saved, (0, 0, 0)
     num_columns = num_heads if write_grad_z else num_selected
     programs = _token_programs(num_tokens, num_columns, grad_out.device)
-    tokens_per_program = triton.cdiv(triton.cdiv(num_tokens, programs), _BLOCK_T) * _BLOCK_T
+    # At least one block, so that zero tokens give one (empty) program rather than a division by zero.
+    tokens_per_program = max(1, triton.cdiv(triton.cdiv(num_tokens, programs), _BLOCK_T)) * _BLOCK_T
     programs = max(1, triton.cdiv(num_tokens, tokens_per_program))
 
     grad_z = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) if write_grad_z else None

@@ -59,7 +59,9 @@ def head_affine_torch_forward(z, head_index, scale, offset, save_selected):
             transformed = transformed * multiplier
         else:
             transformed = transformed + shift
-        return transformed.to(z.dtype).flatten(-2), empty
+        # Contiguous like the other path and the kernels (and the fake): a strided z would otherwise
+        # give an output with z's strides.
+        return transformed.to(z.dtype).flatten(-2).contiguous(), empty
     selected = z_heads.index_select(-2, head_index)
     transformed = selected.to(compute)
     if scale is not None:
@@ -89,7 +91,7 @@ def head_affine_torch_backward(grad_out, saved, head_index, scale, head_dim,
             grad_offset = g_rows.sum(0).index_select(0, head_index)
         if need_grad_z and scale is not None:
             multiplier = 1 + _by_head(scale.to(compute), head_index)
-            grad_z = (g_heads.to(compute) * multiplier).to(grad_out.dtype).flatten(-2)
+            grad_z = (g_heads.to(compute) * multiplier).to(grad_out.dtype).flatten(-2).contiguous()
         return grad_z, grad_scale, grad_offset
     g_selected = g_heads.index_select(-2, head_index).to(compute)
     g_rows = g_selected.reshape(-1, head_index.numel(), head_dim)
@@ -196,11 +198,17 @@ def _head_affine_backward_op(grad_out: Tensor, saved: Tensor, head_index: Tensor
 @_head_affine_backward_op.register_fake
 def _(grad_out, saved, head_index, scale, head_dim, need_grad_z, need_grad_scale, need_grad_offset,
       backend):
-    empty = grad_out.new_empty((0,))
-    param_grad = grad_out.new_empty((head_index.shape[0], head_dim), dtype=torch.float32)
-    grad_z = grad_out.new_empty(grad_out.shape) if need_grad_z and scale is not None else empty
-    return (grad_z, param_grad if need_grad_scale and scale is not None else empty,
-            param_grad if need_grad_offset else empty)
+    # A fresh tensor per output: returning one object twice tells the tracer the outputs alias, and
+    # AOTAutograd then hands the offset's gradient to the scale as well.
+    def empty():
+        return grad_out.new_empty((0,))
+
+    def param_grad():
+        return grad_out.new_empty((head_index.shape[0], head_dim), dtype=_compute_dtype(grad_out.dtype))
+
+    grad_z = grad_out.new_empty(grad_out.shape) if need_grad_z and scale is not None else empty()
+    return (grad_z, param_grad() if need_grad_scale and scale is not None else empty(),
+            param_grad() if need_grad_offset else empty())
 
 
 def _setup_context(ctx, inputs, output):

@@ -250,7 +250,8 @@ def folded_offset(o_proj: nn.Module, head_index: torch.Tensor, offset: torch.Ten
         return torch.nn.functional.linear(offset.reshape(-1).float(), o_proj.weight.index_select(1, columns).float())
     probe = torch.zeros(2, o_proj.in_features, dtype=input_dtype, device=offset.device)
     probe = probe.index_put((torch.zeros_like(columns), columns), offset.reshape(-1).to(input_dtype))
-    rows = o_proj(probe)
+    # .forward, not __call__: this runs inside o_proj's own forward hook, which must not fire again.
+    rows = o_proj.forward(probe)
     return rows[0].float() - rows[1].float()
 
 
