@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 from .io import atomic_write_text
 from .losses import dpo_loss, sequence_logprobs
 from .patch import LofitHandle, attention_shape, patch_model
+from .quantization import prepare_kbit_training
 
 LOSSES = ("sft", "dpo")
 LOCALIZERS = ("lofit", "random")
@@ -88,8 +89,6 @@ class LofitTrainer(Trainer):
             rejected = _pair_logprobs(model, inputs, "rejected")
             loss = dpo_loss(chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
                             beta=self.dpo_beta)
-            if isinstance(loss, tuple):
-                loss = loss[0]
             outputs = None
         if self.l1_lambda and self.handle.scale is not None:
             loss = loss + self.l1_lambda * self.handle.scale.abs().sum()
@@ -140,12 +139,14 @@ def _training_arguments(output_dir: str, settings: StepSettings, overrides: Opti
 
 def _train(handle: LofitHandle, train_dataset, data_collator, loss: str, settings: StepSettings,
            output_dir: str, training_args: Optional[dict], resume_from_checkpoint=None):
+    arguments = _training_arguments(output_dir, settings, training_args)
+    _prepare_for_training(handle.model, arguments)  # before the DPO reference pass (see the function)
     if loss == "dpo":
         train_dataset = with_reference_logprobs(handle, train_dataset, data_collator,
                                                 settings.per_device_train_batch_size)
     trainer = LofitTrainer(
         model=handle.model,
-        args=_training_arguments(output_dir, settings, training_args),
+        args=arguments,
         train_dataset=train_dataset,
         data_collator=data_collator,
         handle=handle,
@@ -155,6 +156,19 @@ def _train(handle: LofitHandle, train_dataset, data_collator, loss: str, setting
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
+
+
+def _prepare_for_training(model: nn.Module, arguments: TrainingArguments) -> None:
+    """`prepare_kbit_training` (before any eval-mode pass, which could repack 4-bit CPU weights for a kernel
+    without backward), with gradient checkpointing taken over from Trainer: Trainer's makes the embeddings'
+    output require grad, so backward would run through every layer, not only those above the lowest
+    selected head. Ours is non-reentrant and needs no such hook."""
+    checkpointing = getattr(arguments, "activation_checkpointing", None) or arguments.gradient_checkpointing
+    kwargs = getattr(arguments, "activation_checkpointing_kwargs", None) or arguments.gradient_checkpointing_kwargs
+    prepare_kbit_training(model, gradient_checkpointing=bool(checkpointing), gradient_checkpointing_kwargs=kwargs)
+    if hasattr(arguments, "activation_checkpointing"):
+        arguments.activation_checkpointing = False
+    arguments.gradient_checkpointing = False
 
 
 @torch.no_grad()
