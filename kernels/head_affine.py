@@ -21,11 +21,85 @@ Why the kernels look like this:
 - Reductions are deterministic: every program owns a fixed token range and writes one fp32 partial
   row per slot; the host sums the (programs, K, head_dim) partials with one `sum(0)`. No atomics.
 - Everything is computed in fp32 and cast on store (bf16 math is also wrong under the interpreter).
+- Compiled for a GPU, both kernels are autotuned (tile height BLOCK_T, num_warps, num_stages) per shape;
+  under TRITON_INTERPRET=1 they run one fixed config (see "Launch configurations").
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------
+
+# `triton.jit` chose between compiling and interpreting when this module was imported; so does this.
+_knobs = getattr(triton, "knobs", None)
+_INTERPRETED = bool(_knobs.runtime.interpret) if _knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+# Under the interpreter: one config, since autotuning would run every config on the CPU. A tile of 64 tokens x
+# head_dim columns per program (64 x 128 fp32 is 32 KB of registers on a GPU).
+_INTERPRETER_BLOCK_T = 64
+
+# Compiled: the autotuner times these once per key (a token-count bucket, head_dim, K, the heads and flags, and
+# the tensors' dtypes) and keeps the fastest. The forward kernel has no loop, so num_stages cannot matter
+# there; the backward kernel loops over its token range, where software pipelining can.
+_FORWARD_CONFIGS = [triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=1)
+                    for block_t in (16, 32, 64, 128) for warps in (2, 4, 8)]
+_BACKWARD_CONFIGS = [triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
+                     for block_t in (32, 64, 128) for warps in (4, 8) for stages in (1, 2, 3)]
+
+# Backward splits the tokens into ranges of a whole number of this many tokens, one range per program. It is
+# a multiple of every BLOCK_T that can run (the largest tuned one, or the interpreter's), so the number of
+# programs, and with it the size of the (programs, K, head_dim) partial-sum buffers that the host allocates
+# and reduces, is fixed before launch and no config can change it. The kernel masks at the end of its range,
+# so correctness never depended on the alignment: it only keeps every tile but the last of a range full.
+_TOKEN_ALIGN = _INTERPRETER_BLOCK_T if _INTERPRETED else max(config.kwargs["BLOCK_T"] for config in _BACKWARD_CONFIGS)
+_MAX_TILE = 128 * 128  # elements of a (BLOCK_T, BLOCK_D) fp32 tile held by one program
+_MAX_PER_THREAD = 128  # of its elements per thread, beyond which registers spill
+
+
+def _tokens_bucket(num_tokens: int) -> int:
+    """The autotuning key for the token count: the next power of two, capped, so that a new sequence length
+    does not mean a new round of tuning."""
+    return min(triton.next_power_of_2(max(num_tokens, 1)), 1 << 16)
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """The configs worth timing for this shape: a tile of at most `_MAX_TILE` elements and at most
+    `_MAX_PER_THREAD` per thread, no taller than the token bucket (decoding has a few tokens). When none is
+    left, the configs of the smallest tile."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    tokens = named_args.get("tokens_bucket", kwargs.get("tokens_bucket"))
+
+    def fits(config):
+        block_t = config.kwargs["BLOCK_T"]
+        elements = block_t * block_d
+        return elements <= _MAX_TILE and elements <= _MAX_PER_THREAD * 32 * config.num_warps and block_t <= tokens
+
+    kept = [config for config in configs if fits(config)]
+    if kept:
+        return kept
+    smallest = min(config.kwargs["BLOCK_T"] for config in configs)
+    return [config for config in configs if config.kwargs["BLOCK_T"] == smallest]
+
+
+def _autotuned(configs, key):
+    """`triton.autotune` over `configs` when the kernel is compiled; the plain kernel under the interpreter."""
+    if _INTERPRETED:
+        return lambda kernel: kernel
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune_tiles})
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch with a `grid(meta)` callable; under the interpreter with its fixed BLOCK_T."""
+    if _INTERPRETED:
+        kernel[grid({"BLOCK_T": _INTERPRETER_BLOCK_T})](*args, BLOCK_T=_INTERPRETER_BLOCK_T, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 @triton.jit
@@ -36,10 +110,12 @@ def _slot_of_head(head_index_ptr, num_selected, head, BLOCK_K: tl.constexpr):
     return tl.max(tl.where(heads == head, slots, -1), axis=0)
 
 
+@_autotuned(_FORWARD_CONFIGS, key=["tokens_bucket", "num_selected", "HEAD_DIM", "NUM_HEADS",
+                                    "HAS_SCALE", "HAS_OFFSET", "SAVE_SELECTED"])
 @triton.jit
 def _head_affine_forward_kernel(
     z_ptr, out_ptr, z_selected_ptr, head_index_ptr, scale_ptr, offset_ptr,
-    num_tokens, seq_len, num_selected,
+    num_tokens, seq_len, num_selected, tokens_bucket,
     stride_zb, stride_zt, stride_zc,
     HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr, SAVE_SELECTED: tl.constexpr,
@@ -76,11 +152,13 @@ def _head_affine_forward_kernel(
         tl.store(out_ptr + out_offsets, z, mask=mask)
 
 
+@_autotuned(_BACKWARD_CONFIGS, key=["tokens_bucket", "num_selected", "HEAD_DIM", "NUM_HEADS", "SAVED_BY_HEAD",
+                                     "HAS_SCALE", "WRITE_GRAD_Z", "NEED_GRAD_SCALE", "NEED_GRAD_OFFSET"])
 @triton.jit
 def _head_affine_backward_kernel(
     grad_out_ptr, saved_ptr, grad_z_ptr, grad_scale_partial_ptr, grad_offset_partial_ptr,
     head_index_ptr, scale_ptr,
-    num_tokens, seq_len, num_selected, tokens_per_program,
+    num_tokens, seq_len, num_selected, tokens_per_program, tokens_bucket,
     stride_gb, stride_gt, stride_gc,
     stride_sb, stride_st, stride_sc,
     HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, SAVED_BY_HEAD: tl.constexpr,
@@ -151,10 +229,6 @@ def _head_affine_backward_kernel(
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 
-# A tile of BLOCK_T tokens x head_dim columns per program; 64 x 128 fp32 is 32 KB of registers.
-_BLOCK_T = 64
-
-
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
     """(batch, tokens, channels) view of x; leading dims beyond two are merged (a copy only if needed)."""
     if x.dim() == 1:
@@ -173,7 +247,7 @@ def _token_programs(num_tokens: int, num_columns: int, device: torch.device) -> 
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 8
-    blocks = triton.cdiv(num_tokens, _BLOCK_T)
+    blocks = triton.cdiv(num_tokens, _TOKEN_ALIGN)
     return max(1, min(blocks, triton.cdiv(target, num_columns)))
 
 
@@ -190,15 +264,14 @@ def head_affine_forward(z, head_index, scale, offset, save_selected):
     z_selected = z.new_empty((num_tokens, num_selected, head_dim) if save_selected else (0,))
     if num_tokens == 0:
         return out, z_selected
-    grid = (triton.cdiv(num_tokens, _BLOCK_T), num_heads)
-    _head_affine_forward_kernel[grid](
+    _launch(
+        _head_affine_forward_kernel, lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), num_heads),
         z3, out, z_selected, head_index, scale, offset,
-        num_tokens, max(z3.shape[1], 1), num_selected,
+        num_tokens, max(z3.shape[1], 1), num_selected, _tokens_bucket(num_tokens),
         z3.stride(0), z3.stride(1), z3.stride(2),
         HEAD_DIM=head_dim, NUM_HEADS=num_heads,
         HAS_SCALE=scale is not None, HAS_OFFSET=offset is not None, SAVE_SELECTED=save_selected,
-        BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_K=triton.next_power_of_2(num_selected),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_K=triton.next_power_of_2(num_selected),
     )
     return out, z_selected
 
@@ -229,8 +302,9 @@ def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
         s3, saved_strides = saved, (0, 0, 0)
     num_columns = num_heads if write_grad_z else num_selected
     programs = _token_programs(num_tokens, num_columns, grad_out.device)
-    # At least one block, so that zero tokens give one (empty) program rather than a division by zero.
-    tokens_per_program = max(1, triton.cdiv(triton.cdiv(num_tokens, programs), _BLOCK_T)) * _BLOCK_T
+    # A whole number of _TOKEN_ALIGN tokens, whatever BLOCK_T the autotuner picks; at least one, so that zero
+    # tokens give one (empty) program rather than a division by zero.
+    tokens_per_program = max(1, triton.cdiv(triton.cdiv(num_tokens, programs), _TOKEN_ALIGN)) * _TOKEN_ALIGN
     programs = max(1, triton.cdiv(num_tokens, tokens_per_program))
 
     grad_z = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) if write_grad_z else None
@@ -244,17 +318,18 @@ def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
             if partial is not None:
                 partial.zero_()
     else:
-        _head_affine_backward_kernel[(programs, num_columns)](
+        # The grid does not depend on the config (see _TOKEN_ALIGN): the partial buffers above fit any of them.
+        _launch(
+            _head_affine_backward_kernel, lambda meta: (programs, num_columns),
             g3, s3, grad_z, grad_scale_partial, grad_offset_partial,
             head_index, scale,
-            num_tokens, max(g3.shape[1], 1), num_selected, tokens_per_program,
+            num_tokens, max(g3.shape[1], 1), num_selected, tokens_per_program, _tokens_bucket(num_tokens),
             g3.stride(0), g3.stride(1), g3.stride(2),
             *saved_strides,
             HEAD_DIM=head_dim, NUM_HEADS=num_heads, SAVED_BY_HEAD=saved_by_head,
             HAS_SCALE=scale is not None, WRITE_GRAD_Z=write_grad_z,
             NEED_GRAD_SCALE=need_grad_scale, NEED_GRAD_OFFSET=need_grad_offset,
-            BLOCK_T=_BLOCK_T, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_K=triton.next_power_of_2(num_selected),
+            BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_K=triton.next_power_of_2(num_selected),
         )
     grad_scale = grad_scale_partial.sum(0) if need_grad_scale else None
     grad_offset = grad_offset_partial.sum(0) if need_grad_offset else None

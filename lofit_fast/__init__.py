@@ -7,7 +7,22 @@ from .adapter import load_adapter
 from .ops import head_affine
 from .patch import ARCHITECTURES, LofitHandle, patch_model, register_architecture
 
+# The training steps import transformers' Trainer and the k-bit helpers bitsandbytes (seconds each):
+# loaded on first use, so `import lofit_fast` and patch_model stay quick.
+_LAZY = {"prepare_kbit_training": "quantization", "quantization_info": "quantization",
+         "select_heads": "training", "tune": "training", "HeadRanking": "training", "StepSettings": "training",
+         "paper_settings": "training", "random_ranking": "training"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lofit_fast' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = ["patch_model", "LofitHandle", "register_architecture", "ARCHITECTURES", "head_affine", "load_adapter",
-           "__version__"]
+           "prepare_kbit_training", "quantization_info", "select_heads", "tune", "HeadRanking", "StepSettings",
+           "paper_settings", "random_ranking", "__version__"]

@@ -11,6 +11,7 @@ Errors are reported as one line (`lofit: error: ...`) with exit status 2; `--tra
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,15 @@ def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool
 
     if load_in_8bit and load_in_4bit:
         raise ValueError("choose one of --load-in-8bit and --load-in-4bit")
+    # Hub names look like "owner/name"; a path that is absolute or starts with . or ~ is meant to be local,
+    # and the hub client would only say that it is not a valid repository id.
+    if name_or_path.startswith((os.sep, ".", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"no model directory at {name_or_path} (give a directory written by "
+                                f"save_pretrained, or a hub name such as meta-llama/Llama-2-7b-hf)")
+    name_or_path = os.path.expanduser(name_or_path)
+    if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path, "config.json")):
+        raise FileNotFoundError(f"{name_or_path} has no config.json: give a model directory written by "
+                                f"save_pretrained (an adapter directory goes to --adapter)")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     kwargs = {"dtype": torch_dtype}
     if load_in_8bit:
@@ -43,18 +53,24 @@ def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as error:
-        raise ValueError(f"could not load a model from {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not load a model from {name_or_path!r}: {_one_line(error)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def _dataset(task: str, path: str, tokenizer, max_length: int):
-    """Tokenized training rows and the collator that batches them."""
-    from .data import PreferenceCollator, SFTCollator, load_task, tokenize_preference, tokenize_sft
+def _examples(task: str, path: str) -> list:
+    """The task's examples, read before the model so that a bad data file fails fast."""
+    from .data import load_task
 
-    examples = load_task(task, path)
+    return load_task(task, path)
+
+
+def _dataset(task: str, examples: list, tokenizer, max_length: int):
+    """Tokenized training rows and the collator that batches them."""
+    from .data import PreferenceCollator, SFTCollator, tokenize_preference, tokenize_sft
+
     if task in PREFERENCE_TASKS:
         rows = [tokenize_preference(example, tokenizer, max_length) for example in examples]
         return rows, PreferenceCollator(tokenizer.pad_token_id), "dpo"
@@ -99,14 +115,17 @@ def _parse_k(text: str):
 
 def cmd_select(args):
     from .heatmap import plot_head_scores
+    from .patch import attention_shape
     from .training import select_heads
 
+    examples = _examples(args.task, args.data)
     model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
-    rows, collator, loss = _dataset(args.task, args.data, tokenizer, args.max_length)
+    rows, collator, loss = _dataset(args.task, examples, tokenizer, args.max_length)
     settings, default_k = _settings(args, "select")
+    shape = attention_shape(model)
+    k = _head_count(args.k, default_k, shape.num_layers * shape.num_heads)  # checked before training
     ranking = select_heads(model, rows, collator, loss=loss, settings=settings, localizer=args.localizer,
                            output_dir=args.output_dir, training_args=_training_args(args), backend=args.backend)
-    k = args.k if args.k is not None else default_k
     heatmap = os.path.join(args.output_dir, "heads.png")
     plot_head_scores(ranking, heatmap, selected_k=k)
     print(f"ranking: {os.path.join(args.output_dir, 'ranking.json')}")
@@ -118,52 +137,86 @@ def cmd_select(args):
 def cmd_tune(args):
     from .training import HeadRanking, tune
 
-    model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
-    rows, collator, loss = _dataset(args.task, args.data, tokenizer, args.max_length)
-    settings, default_k = _settings(args, "tune")
+    # Arguments and files first: a mistake there should not wait for the model to load.
     if (args.ranking is None) == (args.heads is None):
-        raise ValueError("give --ranking PATH (from `lofit select`) or --heads 'layer:head,...'")
+        raise ValueError("give one of --ranking PATH (from `lofit select`) and --heads 'layer:head,...'")
+    if args.heads and args.k is not None:
+        raise ValueError("--k picks the top heads of --ranking; with --heads, the heads are the ones listed")
+    settings, default_k = _settings(args, "tune")
     ranking = HeadRanking.load(args.ranking) if args.ranking else None
+    k = _head_count(args.k, default_k, len(ranking.ranking)) if ranking else None
     heads = _parse_heads(args.heads) if args.heads else None
-    handle = tune(model, rows, collator, heads=heads, ranking=ranking,
-                  k=args.k if args.k is not None else (default_k if ranking else None), loss=loss,
-                  settings=settings, output_dir=os.path.join(args.output_dir, "checkpoints"),
+    examples = _examples(args.task, args.data)
+    model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
+    rows, collator, loss = _dataset(args.task, examples, tokenizer, args.max_length)
+    checkpoints = os.path.join(args.output_dir, "checkpoints")
+    handle = tune(model, rows, collator, heads=heads, ranking=ranking, k=k, loss=loss,
+                  settings=settings, output_dir=checkpoints,
                   training_args=_training_args(args), backend=args.backend,
                   resume_from_checkpoint=args.resume_from_checkpoint)
     handle.save_pretrained(args.output_dir)
+    with contextlib.suppress(OSError):  # Trainer makes the folder even when it saves no checkpoint
+        os.rmdir(checkpoints)
     print(f"adapter: {args.output_dir} ({len(handle.heads)} heads)")
 
 
-def _parse_heads(text: str):
-    try:
-        return [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"--heads {text!r}: write heads as layer:head pairs separated by commas, e.g. 3:7,10:2") from None
+def _head_count(k, default_k: int, total_heads: int) -> int:
+    """--k as a number of heads (checked against the model); without --k, the paper's K, at most every head."""
+    from .training import resolve_k
+
+    return resolve_k(k, total_heads) if k is not None else min(default_k, total_heads)
+
+
+def _parse_heads(text: str) -> list:
+    """'3:7,10:2' -> [(3, 7), (10, 2)]."""
+    heads = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise ValueError(f"--heads {text!r}: {item.strip()!r} is not a layer:head pair; write heads as "
+                             f"layer:head pairs separated by commas, e.g. 3:7,10:2")
+        heads.append((int(parts[0]), int(parts[1])))
+    return heads
 
 
 def cmd_eval(args):
     from .adapter import load_adapter
 
+    examples = evaluation_examples(args.task, args.data)
     model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
     if args.adapter:
         load_adapter(model, args.adapter, backend=args.backend)
     model.eval()
-    result = evaluate_task(model, tokenizer, args.task, args.data, args.max_new_tokens, args.batch_size)
+    result = evaluate_examples(model, tokenizer, args.task, examples, args.max_new_tokens, args.batch_size)
     print(json.dumps(result, indent=1))
 
 
-def evaluate_task(model, tokenizer, task: str, path: str, max_new_tokens: int, batch_size: int) -> dict:
-    """Exact-match accuracy of greedy generation, or TruthfulQA MC1/MC2 from answer log-likelihoods."""
+def evaluation_examples(task: str, path: str) -> list:
+    """What `lofit eval` scores: TruthfulQA's multiple-choice questions, or a task's generation examples."""
     from .data import load_task, load_truthfulqa_mc
+
+    if task == "truthfulqa":
+        return load_truthfulqa_mc(path)
+    if task == "dpo-jsonl":
+        raise ValueError("--task dpo-jsonl has no generation answers to score; evaluate with an sft-jsonl file")
+    return load_task(task, path)
+
+
+def evaluate_examples(model, tokenizer, task: str, examples: list, max_new_tokens: int = 16,
+                      batch_size: int = 16) -> dict:
+    """TruthfulQA: {"mc1", "mc2", "examples"} from answer log-likelihoods; other tasks:
+    {"exact_match", "examples"} from greedy generation."""
     from .evaluation import evaluate_generation, truthfulqa_mc_scores
 
     if task == "truthfulqa":
-        return truthfulqa_mc_scores(model, tokenizer, load_truthfulqa_mc(path))
-    if task == "dpo-jsonl":
-        raise ValueError("--task dpo-jsonl has no generation answers to score; evaluate with an sft-jsonl file")
-    examples = load_task(task, path)
+        return truthfulqa_mc_scores(model, tokenizer, examples, batch_size=batch_size)
     return {"exact_match": evaluate_generation(model, tokenizer, examples, max_new_tokens=max_new_tokens,
                                                batch_size=batch_size), "examples": len(examples)}
+
+
+def evaluate_task(model, tokenizer, task: str, path: str, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+    """`evaluate_examples` on the data file at `path`."""
+    return evaluate_examples(model, tokenizer, task, evaluation_examples(task, path), max_new_tokens, batch_size)
 
 
 def cmd_merge(args):
@@ -279,8 +332,14 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as error:
         if args.traceback:
             raise
-        print(f"lofit: error: {error}", file=sys.stderr)
+        print(f"lofit: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (libraries' messages can span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -74,6 +74,20 @@ def head_affine_torch_forward(z, head_index, scale, offset, save_selected):
     return out.flatten(-2), z_selected
 
 
+# Rows of (K, head_dim) per step of the token sum of g * z: about 1 MB of fp32 per chunk keeps the product
+# in cache instead of materialising a full-size temporary (and, for bf16, a full fp32 copy of g).
+_SUM_CHUNK_ELEMENTS = 1 << 18
+
+
+def _token_sum_of_products(g_rows, z_rows, compute):
+    """sum_t g[t] * z[t] over the first dimension, in `compute` precision, one chunk of rows at a time."""
+    rows = max(1, _SUM_CHUNK_ELEMENTS // max(1, g_rows.shape[1:].numel()))
+    total = torch.zeros(g_rows.shape[1:], dtype=compute, device=g_rows.device)
+    for g_chunk, z_chunk in zip(g_rows.split(rows), z_rows.split(rows)):
+        total += (g_chunk.to(compute) * z_chunk.to(compute)).sum(0)
+    return total
+
+
 def head_affine_torch_backward(grad_out, saved, head_index, scale, head_dim,
                                need_grad_z, need_grad_scale, need_grad_offset):
     """Returns (grad_z or None, grad_scale or None, grad_offset or None); grad_z is None when there is
@@ -83,12 +97,12 @@ def head_affine_torch_backward(grad_out, saved, head_index, scale, head_dim,
     g_heads = grad_out.unflatten(-1, (-1, head_dim))
     grad_scale = grad_offset = grad_z = None
     if _saves_input(grad_out, head_index, head_dim):
-        g_rows = g_heads.reshape(-1, head_index.numel(), head_dim).to(compute)
+        g_rows = g_heads.reshape(-1, head_index.numel(), head_dim)
         if need_grad_scale and scale is not None:
             z_rows = saved.unflatten(-1, (-1, head_dim)).reshape(g_rows.shape)
-            grad_scale = (g_rows * z_rows.to(compute)).sum(0).index_select(0, head_index)
+            grad_scale = _token_sum_of_products(g_rows, z_rows, compute).index_select(0, head_index)
         if need_grad_offset:
-            grad_offset = g_rows.sum(0).index_select(0, head_index)
+            grad_offset = g_rows.sum(0, dtype=compute).index_select(0, head_index)
         if need_grad_z and scale is not None:
             multiplier = 1 + _by_head(scale.to(compute), head_index)
             grad_z = (g_heads.to(compute) * multiplier).to(grad_out.dtype).flatten(-2).contiguous()
@@ -96,7 +110,7 @@ def head_affine_torch_backward(grad_out, saved, head_index, scale, head_dim,
     g_selected = g_heads.index_select(-2, head_index).to(compute)
     g_rows = g_selected.reshape(-1, head_index.numel(), head_dim)
     if need_grad_scale and scale is not None:
-        grad_scale = (g_rows * saved.to(compute)).sum(0)
+        grad_scale = _token_sum_of_products(g_rows, saved, compute)
     if need_grad_offset:
         grad_offset = g_rows.sum(0)
     if need_grad_z and scale is not None:
@@ -217,6 +231,9 @@ def _setup_context(ctx, inputs, output):
     saves_input = save_selected and scale is not None and _saves_input(z, head_index, ctx.head_dim)
     ctx.save_for_backward(z if saves_input else output[1], head_index, scale)
     ctx.backend = backend
+    # z_selected is an output only so that it can be saved: its gradient is always None, and
+    # materialising it would fill a (tokens, K, head_dim) tensor of zeros on every backward.
+    ctx.set_materialize_grads(False)
     ctx.scale_dtype = scale.dtype if scale is not None else None
     ctx.offset_dtype = offset.dtype if offset is not None else None
 
@@ -224,6 +241,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_z_selected):
     saved, head_index, scale = ctx.saved_tensors
     need_grad_z, _, need_grad_scale, need_grad_offset = ctx.needs_input_grad[:4]
+    if grad_out is None:  # z' did not reach the loss (grads are not materialised, see _setup_context)
+        return None, None, None, None, None, None
     if need_grad_scale and saved.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("lofit_fast::head_affine was called with save_selected=False, but the scale "
                            "needs a gradient; call lofit_fast.ops.head_affine, which sets it")

@@ -192,9 +192,14 @@ class LofitHandle:
                 return None
             z = args[0]
             head_index, _, offset = self.lofit.layer_tensors(layer, z.device)
-            shift = folded_offset(module, head_index, offset, self.head_dim, z.dtype)
-            # In place: o_proj's backward does not need its output, and a new tensor would cost a pass.
-            return output.add_(shift.to(output.dtype))
+            shift = folded_offset(module, head_index, offset, self.head_dim, z.dtype).to(output.dtype)
+            try:
+                # In place: o_proj's backward does not need its output, and a new tensor would cost a pass.
+                return output.add_(shift)
+            except RuntimeError:
+                # Autograd refuses (before changing anything) when the output is a view made inside an
+                # autograd Function or without grad, as LLM.int8's reshaped result is: add out of place.
+                return output + shift
 
         return add_folded_offset
 

@@ -1,0 +1,15 @@
+"""Kernel microbenchmark of the LoFiT head transform; the same as `lofit bench`.
+
+    python benchmarks/bench_kernels.py --impl torch,triton --mode full --shape llama2-7b --tokens 4k --k 2
+    python benchmarks/bench_kernels.py --quick
+    python benchmarks/bench_kernels.py --cpu-target
+
+Options, what is measured and the JSON format: lofit_fast/benchmark.py (or `--help`).
+"""
+
+import sys
+
+from lofit_fast.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())

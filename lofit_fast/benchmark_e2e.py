@@ -1,0 +1,614 @@
+"""End-to-end benchmark of LoFiT step-2 training on bitsandbytes bases: `lofit bench --e2e` and
+`benchmarks/bench_e2e.py`.
+
+    python benchmarks/bench_e2e.py                          # GPU: llama2-7b, llama2-13b x nf4, int8
+    python benchmarks/bench_e2e.py --models llama2-13b --quant nf4 --impl lofit_fast,floor
+    python benchmarks/bench_e2e.py --quick                  # CPU smoke run (CI, seconds)
+
+Models are built from a config with random weights (std 0.02) and quantized on the fly, one linear layer
+at a time, straight onto the device: the model is created on the meta device, then every nn.Linear of
+every decoder layer becomes a bitsandbytes Linear4bit (NF4, double quant, bf16 compute) or Linear8bitLt
+(LLM.int8, threshold 6) whose weight is drawn on the device and quantized there; embeddings, norms and
+lm_head (unquantized, as Transformers leaves it) are drawn on the device in bf16. Host memory stays at a
+few hundred MB even for Llama-2-13B, whose bf16 weights alone are 26 GB.
+
+Each training step is forward + backward of the causal-LM loss on random token ids (batch x seq) plus an
+AdamW step of the trained parameters. Implementations (`--impl`):
+- floor: the frozen model, with the output of the lowest selected layer's o_proj made to require grad,
+  so that loss.backward() runs the model's backward from the loss down to that point and no further.
+  This is the least that any adapter at those heads can cost: the frozen model's own forward and its
+  backward down to the lowest selected layer.
+- lofit_fast: `patch_model(model, heads, scale=False)`, offsets on K heads (default 48, seeded random,
+  as a ranking would spread them over the layers); offset-only layers fold the offsets into o_proj's
+  output.
+- eager_hook: the paper's hook: a forward pre-hook on every o_proj that loops over *all* heads in Python,
+  each head with its own (A, v), cloning the slice, scaling, shifting and writing it back
+  (`lofit_fast.benchmark.eager_hook_transform`); v is trained on the same K heads, the rest is frozen.
+- qlora: PEFT LoRA r=8 (alpha 16, dropout 0.05) on o_proj of every layer, on the same quantized base
+  (needs `pip install peft`; skipped with a note when it is missing and not asked for by name). The base
+  is not upcast (PEFT's prepare_model_for_kbit_training would upcast norms and embeddings to fp32 and
+  cost QLoRA more memory).
+
+GPU (CUDA): everything runs under a memory cap (`--cap-gb`, default 24: a consumer card), set with
+torch.cuda.set_per_process_memory_fraction. For each implementation the largest batch that fits under the
+cap is searched (doubling, then bisection, up to --max-batch); `fits_24gb` says whether batch 1 fits.
+Then every implementation is measured at one common batch (the smallest of those largest batches, or
+--batch), so the ratios to the floor compare equal work, and again at its own largest batch:
+- peak_mb: torch.cuda.max_memory_allocated over one step (after a warm-up step), weights included;
+  step_mb: the same minus what was allocated before the step (activations, gradients, optimizer state).
+- ms, tokens_per_s: the median over --steps rounds; each round attaches every implementation in turn, in a
+  rotated order, runs --warmup untimed steps and times one (CUDA-synchronized wall time), so that a
+  slowdown of the machine meanwhile falls on all implementations alike. At each implementation's own
+  largest batch: the median of --steps consecutive steps.
+CPU: scaled-down shapes (--layers, default 2, same widths; --width-divisor narrows them; fp32, as bf16
+matmuls are emulated there), a fixed batch, the same interleaved timing, and as the memory figure
+saved_mb: the bytes autograd saves for backward during the forward (torch.autograd.graph.
+saved_tensors_hooks; storages counted once, parameters and buffers not at all). That is a proxy, not
+peak RSS: it leaves out transient buffers and the tensors that bitsandbytes' autograd functions keep on
+their context objects, which are the same for every implementation.
+
+Output: a table on stdout and `benchmarks/results/e2e-<device>-<date>.json` with one row per
+(impl, model, quant): impl, model, quant, dtype, layers, hidden, seq, k, lowest_layer, trained_params,
+batch, fits_at_batch, peak_mb, step_mb, saved_mb, ms, tokens_per_s, max_batch, fits_24gb,
+peak_mb_at_max_batch, tokens_per_s_at_max_batch, and the ratios to the floor's row peak_vs_floor,
+step_mb_vs_floor, saved_vs_floor, time_vs_floor (None where a figure does not apply to the device).
+"""
+
+import argparse
+import contextlib
+import datetime
+import gc
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .benchmark import device_name, eager_hook_transform, file_safe, write_json
+from .patch import find_o_projs, patch_model
+
+DEFAULT_OUTPUT = "benchmarks/results"
+IMPLS = ("floor", "lofit_fast", "eager_hook", "qlora")
+QUANTS = ("nf4", "int8")
+# Llama-2 shapes (vocab 32000, MHA, head_dim 128).
+MODELS = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}
+PAPER_K = 48  # step-2 heads for Llama-2-13B in the paper; 1.2 heads per layer on 13B, 1.5 on 7B
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a quantized model from a config, layer by layer
+# ----------------------------------------------------------------------------------------------
+
+def llama_config(name: str, layers: Optional[int] = None, width_divisor: int = 1):
+    """The LlamaConfig of a Llama-2 shape; `layers` keeps only that many decoder layers, `width_divisor`
+    divides hidden size, heads and MLP width (head_dim stays 128)."""
+    from transformers import LlamaConfig
+
+    shape = dict(MODELS[name])
+    heads = max(1, shape["num_attention_heads"] // width_divisor)
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=heads * 128, intermediate_size=shape["intermediate_size"] // width_divisor,
+        num_hidden_layers=layers or shape["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=heads, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build_quantized_model(config, quant: str, device: torch.device, dtype=torch.bfloat16, seed: int = 0):
+    """A LlamaForCausalLM with random weights whose decoder linears are bitsandbytes layers, built on the
+    meta device and materialized one tensor at a time on `device` (see the module doc). Frozen, train mode."""
+    from transformers import AutoModelForCausalLM
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for layer in model.model.layers:
+        for name, module in list(layer.named_modules()):
+            if type(module) is nn.Linear:
+                parent_name, _, child = name.rpartition(".")
+                quantized = _quantized_linear(module, quant, device, dtype, generator)
+                setattr(layer.get_submodule(parent_name) if parent_name else layer, child, quantized)
+        _materialize(layer, device, dtype, generator)
+    _materialize(model, device, dtype, generator)  # embeddings, final norm, lm_head
+    with torch.device(device):  # the rotary embedding's inv_freq buffer was made on the meta device
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.train()
+
+
+def _random_weight(shape, device, dtype, generator):
+    return torch.randn(shape, device=device, dtype=dtype, generator=generator) * 0.02
+
+
+def _quantized_linear(linear: nn.Linear, quant: str, device, dtype, generator) -> nn.Module:
+    import bitsandbytes as bnb
+
+    weight = _random_weight((linear.out_features, linear.in_features), device, dtype, generator)
+    if quant == "nf4":
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                         module=layer)._quantize(device)
+    elif quant == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False,
+                                    threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False)._quantize(device)
+    else:
+        raise ValueError(f"quant {quant!r} is not one of {QUANTS}")
+    return layer
+
+
+def _materialize(module: nn.Module, device, dtype, generator) -> None:
+    """Give every parameter still on the meta device real storage: norms ones, others random."""
+    for owner in module.modules():
+        for name, parameter in list(owner._parameters.items()):
+            if parameter is None or parameter.device.type != "meta":
+                continue
+            if "norm" in type(owner).__name__.lower():
+                data = torch.ones(parameter.shape, device=device, dtype=dtype)
+            else:
+                data = _random_weight(parameter.shape, device, dtype, generator)
+            owner._parameters[name] = nn.Parameter(data, requires_grad=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Attached:
+    """An implementation attached to the model: what to call, what to train, how to take it off."""
+
+    runner: nn.Module
+    trained: list
+    detach: Callable[[], None]
+
+
+def random_heads(num_layers: int, num_heads: int, k: int, seed: int = 0) -> list[tuple[int, int]]:
+    """K distinct (layer, head) pairs drawn at random (seeded) from the whole model."""
+    pairs = [(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+    return sorted(random.Random(seed).sample(pairs, k))
+
+
+def attach(impl: str, model: nn.Module, heads: list) -> Attached:
+    if impl == "floor":
+        return _attach_floor(model, heads)
+    if impl == "lofit_fast":
+        return _attach_lofit(model, heads)
+    if impl == "eager_hook":
+        return _attach_eager_hook(model, heads)
+    if impl == "qlora":
+        return _attach_qlora(model)
+    raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
+
+
+def _attach_floor(model, heads) -> Attached:
+    lowest = min(layer for layer, _ in heads)
+    # detach(): LLM.int8's output can be a view made inside its autograd Function, whose flags cannot change.
+    hook = find_o_projs(model)[lowest].register_forward_hook(
+        lambda module, args, output: output.detach().requires_grad_())
+    return Attached(model, [], hook.remove)
+
+
+def _attach_lofit(model, heads) -> Attached:
+    handle = patch_model(model, heads, scale=False, offset=True)
+    with torch.no_grad():
+        handle.offset.normal_(0.0, 1e-3)
+    return Attached(model, [handle.offset], handle.remove)
+
+
+def _attach_eager_hook(model, heads) -> Attached:
+    """Per-head (A, v) on every head of every layer, applied head by head; v trained on `heads`."""
+    config = model.config
+    num_heads, head_dim = config.num_attention_heads, config.head_dim
+    device = next(model.parameters()).device
+    selected = set(heads)
+    hooks, trained = [], []
+    for layer, o_proj in enumerate(find_o_projs(model)):
+        scales = [torch.zeros(head_dim, device=device) for _ in range(num_heads)]
+        offsets = [(torch.randn(head_dim, device=device) * 1e-3).requires_grad_((layer, head) in selected)
+                   for head in range(num_heads)]
+        trained += [offset for offset in offsets if offset.requires_grad]
+        hooks.append(o_proj.register_forward_pre_hook(
+            lambda module, args, scales=scales, offsets=offsets: (
+                eager_hook_transform(args[0], scales, offsets).to(args[0].dtype), *args[1:])))
+
+    def detach():
+        for hook in hooks:
+            hook.remove()
+
+    return Attached(model, trained, detach)
+
+
+def _attach_qlora(model) -> Attached:
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("the qlora baseline needs PEFT: pip install peft") from None
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["o_proj"], bias="none",
+                             task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(model, config)
+    trained = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+    return Attached(peft_model, trained, peft_model.unload)
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step, and what it costs
+# ----------------------------------------------------------------------------------------------
+
+def make_step(attached: Attached, batch: int, seq: int, vocab: int, device) -> Callable[[], None]:
+    """forward + backward of the LM loss on random ids, then AdamW on the trained parameters."""
+    ids = torch.randint(3, vocab, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(1))
+    optimizer = torch.optim.AdamW(attached.trained, lr=1e-3) if attached.trained else None
+
+    def step():
+        loss = attached.runner(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_ms(step: Callable, device, warmup: int, steps: int) -> float:
+    """Median wall time of `steps` steps after `warmup` steps (synchronized on CUDA)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _synchronize(device)
+        begin = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_peak_mb(step: Callable, device) -> tuple[float, float]:
+    """(peak MB allocated during one step, that peak minus what was allocated before the step)."""
+    _free(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2**20, (peak - before) / 2**20
+
+
+def saved_for_backward_mb(attached: Attached, batch: int, seq: int, vocab: int, device) -> float:
+    """MB that autograd saves for backward during one forward (the CPU memory proxy; see the module doc)."""
+    model = attached.runner
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(3, vocab, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(storages.values()) / 2**20
+
+
+def _free(device):
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def fits(step_factory: Callable[[int], Callable], batch: int, device) -> bool:
+    """Whether one step at `batch` runs without running out of memory (under the cap)."""
+    out_of_memory = False
+    try:
+        step_factory(batch)()
+        _synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        out_of_memory = True  # leave the except block first, so the traceback's frames are freed
+    _free(device)
+    return not out_of_memory
+
+
+def largest_batch(step_factory: Callable[[int], Callable], device, max_batch: int) -> int:
+    """The largest batch <= max_batch for which a step fits: doubling, then bisection. 0 if none does."""
+    if not fits(step_factory, 1, device):
+        return 0
+    good, bad = 1, None
+    while bad is None and good < max_batch:
+        candidate = min(2 * good, max_batch)
+        if fits(step_factory, candidate, device):
+            good = candidate
+        else:
+            bad = candidate
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(step_factory, middle, device) else (good, middle)
+    return good
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one model
+# ----------------------------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Settings:
+    dtype: str  # of activations, unquantized weights and 4-bit compute
+    seq: int
+    batch: Optional[int]  # None: search (GPU)
+    max_batch: int
+    warmup: int
+    steps: int
+    k: Optional[int]
+    layers: Optional[int]
+    width_divisor: int
+    seed: int
+
+
+def run_model(name: str, quant: str, impls: list, settings: Settings, device) -> list[dict]:
+    """Build one quantized model and measure every implementation on it; rows as in the module doc."""
+    config = llama_config(name, settings.layers, settings.width_divisor)
+    full_layers = MODELS[name]["num_hidden_layers"]
+    k = settings.k or max(1, round(PAPER_K * config.num_hidden_layers / full_layers))
+    heads = random_heads(config.num_hidden_layers, config.num_attention_heads, k, settings.seed)
+    _progress(f"{name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) {quant}: building")
+    model = build_quantized_model(config, quant, device, DTYPES[settings.dtype], settings.seed)
+    common = dict(model=name, quant=quant, dtype=settings.dtype, layers=config.num_hidden_layers,
+                  hidden=config.hidden_size, seq=settings.seq, k=k, lowest_layer=min(layer for layer, _ in heads),
+                  max_batch=None, fits_24gb=None, peak_mb_at_max_batch=None, tokens_per_s_at_max_batch=None)
+    rows = {impl: dict(impl=impl, **common) for impl in impls}
+
+    def measure(impl, body):
+        attached = attach(impl, model, heads)
+        try:
+            return body(attached)
+        finally:
+            attached.detach()
+            _free(device)
+
+    def factory(attached):
+        return lambda batch: make_step(attached, batch, settings.seq, config.vocab_size, device)
+
+    if device.type == "cuda":
+        for impl in impls:
+            _progress(f"  {impl}: largest batch")
+            rows[impl]["max_batch"] = measure(impl, lambda a: largest_batch(factory(a), device, settings.max_batch))
+            rows[impl]["fits_24gb"] = rows[impl]["max_batch"] > 0
+        fitting = [row["max_batch"] for row in rows.values() if row["max_batch"] > 0]
+        batch = settings.batch or (min(fitting) if fitting else 1)
+    else:
+        batch = settings.batch or 1
+    _progress(f"  every impl at batch {batch}: memory, then {settings.steps} interleaved timing rounds")
+    for impl in impls:
+        rows[impl].update(measure(impl, lambda a: _memory_at(a, factory(a), batch, settings, config, device)))
+    runnable = [impl for impl in impls if rows[impl]["fits_at_batch"]]
+    for impl, milliseconds in interleaved_step_ms(runnable, measure, factory, batch, settings, device).items():
+        rows[impl].update(ms=milliseconds, tokens_per_s=batch * settings.seq / milliseconds * 1e3)
+    if device.type == "cuda":
+        for impl in impls:
+            row = rows[impl]
+            if row["max_batch"] > 0:
+                _progress(f"  {impl}: at its largest batch, {row['max_batch']}")
+                peak, milliseconds = measure(impl, lambda a: _at_own_batch(factory(a), row["max_batch"], settings,
+                                                                           device))
+                if milliseconds is not None:
+                    row.update(peak_mb_at_max_batch=peak,
+                               tokens_per_s_at_max_batch=row["max_batch"] * settings.seq / milliseconds * 1e3)
+    del model
+    _free(device)
+    _compare_with_floor(rows)
+    return list(rows.values())
+
+
+def _memory_at(attached, factory, batch, settings, config, device) -> dict:
+    """GPU: peak_mb and step_mb of one step after a warm-up; CPU: saved_mb. None where it does not fit."""
+    row = dict(batch=batch, trained_params=sum(p.numel() for p in attached.trained), peak_mb=None,
+               step_mb=None, saved_mb=None, ms=None, tokens_per_s=None, fits_at_batch=True)
+    if device.type == "cuda":
+        if not fits(factory, batch, device):  # also the warm-up: optimizer state exists from here on
+            row["fits_at_batch"] = False
+            return row
+        row["peak_mb"], row["step_mb"] = cuda_peak_mb(factory(batch), device)
+    else:
+        row["saved_mb"] = saved_for_backward_mb(attached, batch, settings.seq, config.vocab_size, device)
+    return row
+
+
+def interleaved_step_ms(impls: list, measure: Callable, factory: Callable, batch: int, settings: Settings,
+                        device) -> dict:
+    """Median step time of each impl over `settings.steps` rounds; each round attaches every impl in turn
+    (in a rotated order), runs `settings.warmup` untimed steps and times one. Interleaving spreads any
+    slowdown of the machine (other processes, clocks) over all impls alike."""
+    times = {impl: [] for impl in impls}
+    for round_index in range(settings.steps):
+        shift = round_index % max(1, len(impls))
+        for impl in impls[shift:] + impls[:shift]:
+            times[impl].append(measure(impl, lambda a: step_ms(factory(a)(batch), device, settings.warmup, 1)))
+    return {impl: statistics.median(values) for impl, values in times.items()}
+
+
+def _at_own_batch(factory, batch, settings, device) -> tuple:
+    """(peak MB, median ms) at `batch` (GPU); (None, None) if it no longer fits (fragmentation)."""
+    if not fits(factory, batch, device):
+        return None, None
+    step = factory(batch)
+    milliseconds = step_ms(step, device, settings.warmup, settings.steps)
+    return cuda_peak_mb(step, device)[0], milliseconds
+
+
+def _compare_with_floor(rows: dict) -> None:
+    floor = rows.get("floor")
+    for row in rows.values():
+        for key, ratio in (("peak_mb", "peak_vs_floor"), ("step_mb", "step_mb_vs_floor"),
+                           ("saved_mb", "saved_vs_floor"), ("ms", "time_vs_floor")):
+            base = floor.get(key) if floor else None
+            row[ratio] = row[key] / base if base and row.get(key) is not None else None
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table and command line
+# ----------------------------------------------------------------------------------------------
+
+def format_table(rows: list[dict], device_type: str) -> str:
+    def number(value, digits=4):
+        return "-" if value is None else f"{value:.{digits}g}"
+
+    if device_type == "cuda":
+        header = ("model", "quant", "impl", "K", "batch", "peak MB", "step MB", "ms", "tok/s", "x floor mem",
+                  "x floor time", "max batch", "tok/s max", "fits 24GB")
+        cells = [(r["model"], r["quant"], r["impl"], str(r["k"]), str(r["batch"]), number(r["peak_mb"], 5),
+                  number(r["step_mb"], 5), number(r["ms"]), number(r["tokens_per_s"]), number(r["peak_vs_floor"]),
+                  number(r["time_vs_floor"]), str(r.get("max_batch")), number(r.get("tokens_per_s_at_max_batch")),
+                  "yes" if r.get("fits_24gb") else "no") for r in rows]
+    else:
+        header = ("model", "layers", "quant", "impl", "K", "batch", "seq", "saved MB*", "ms", "tok/s",
+                  "x floor saved", "x floor time")
+        cells = [(r["model"], str(r["layers"]), r["quant"], r["impl"], str(r["k"]), str(r["batch"]), str(r["seq"]),
+                  number(r["saved_mb"]), number(r["ms"]), number(r["tokens_per_s"]), number(r["saved_vs_floor"]),
+                  number(r["time_vs_floor"])) for r in rows]
+    table = [header] + cells
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
+    lines.insert(1, "-" * len(lines[0]))
+    if device_type != "cuda":
+        lines.append("* saved for backward (saved_tensors_hooks): a memory proxy on the CPU, not peak RSS")
+    return "\n".join(lines)
+
+
+def _list_of(valid):
+    def parse(text: str):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        for item in items:
+            if item not in valid:
+                raise argparse.ArgumentTypeError(f"{item!r} is not one of {', '.join(valid)}")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lofit bench --e2e",
+        description="LoFiT step-2 training on quantized bases (see lofit_fast/benchmark_e2e.py).")
+    parser.add_argument("--models", type=_list_of(tuple(MODELS)), help="llama2-7b,llama2-13b (default: both)")
+    parser.add_argument("--quant", type=_list_of(QUANTS), help="nf4,int8 (default: both)")
+    parser.add_argument("--impl", type=_list_of(IMPLS),
+                        help=f"{','.join(IMPLS)} (default: all; qlora only when peft is installed)")
+    parser.add_argument("--k", type=int, help=f"selected heads (default {PAPER_K}, scaled with the layers kept)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
+                        help="activations, unquantized weights, 4-bit compute (default: bf16 on GPU; fp32 on CPU, "
+                             "where bf16 matmuls are emulated and 25x slower)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default: 512 on GPU, 128 on CPU)")
+    parser.add_argument("--batch", type=int, help="batch for the comparison (default: GPU the smallest largest "
+                        "batch over the impls, CPU 1)")
+    parser.add_argument("--max-batch", type=int, default=64, help="upper end of the batch search (GPU)")
+    parser.add_argument("--cap-gb", type=float, default=24.0,
+                        help="GPU memory cap in GiB (set_per_process_memory_fraction); 0: none (default 24)")
+    parser.add_argument("--layers", type=int, help="decoder layers to keep (default: all on GPU, 2 on CPU)")
+    parser.add_argument("--width-divisor", type=int, default=1, help="divide widths (head_dim stays 128)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 5 on GPU, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="a .json file or a folder (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 2 narrow layers (width / 8), seq 32, batch 2, one timed step, "
+                             "1 CPU thread")
+    return parser
+
+
+def _settings(args, on_gpu: bool) -> Settings:
+    quick = args.quick
+    return Settings(
+        dtype=args.dtype or ("bf16" if on_gpu else "fp32"),
+        seq=args.seq or (32 if quick else 512 if on_gpu else 128),
+        batch=args.batch or (2 if quick else None if on_gpu else 1),
+        max_batch=args.max_batch, warmup=args.warmup,
+        steps=args.steps or (1 if quick else 5 if on_gpu else 3), k=args.k,
+        layers=args.layers or (2 if quick or not on_gpu else None),
+        width_divisor=8 if quick and args.width_divisor == 1 else args.width_divisor, seed=args.seed)
+
+
+def _impls(named: Optional[list]) -> list:
+    if named is not None:
+        return named
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        _progress("note: peft is not installed, so the qlora baseline is skipped (pip install peft)")
+        return [impl for impl in IMPLS if impl != "qlora"]
+    return list(IMPLS)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if args.threads or (args.quick and not on_gpu):
+        torch.set_num_threads(args.threads or 1)  # quick: tiny ops, where waking threads costs more than work
+    settings = _settings(args, on_gpu)
+    impls = _impls(args.impl)
+    cap = _cap_memory(device, args.cap_gb) if on_gpu else None
+    rows = []
+    for name in args.models or list(MODELS):
+        for quant in args.quant or list(QUANTS):
+            rows += run_model(name, quant, impls, settings, device)
+    name = device_name(device)
+    date = datetime.date.today().isoformat()
+    result = dict(device=name, device_type=device.type, date=date, torch=torch.__version__,
+                  bitsandbytes=_version("bitsandbytes"), transformers=_version("transformers"), peft=_version("peft"),
+                  threads=torch.get_num_threads() if not on_gpu else None, cap_gb=cap, quick=args.quick,
+                  settings=asdict(settings), rows=rows)
+    path = args.output if args.output.endswith(".json") else os.path.join(
+        args.output, f"e2e-{file_safe(name)}-{date}{'-quick' if args.quick else ''}.json")
+    print(f"device: {name}" + (f" (capped at {cap:g} GiB)" if cap else ""))
+    print(format_table(rows, device.type))
+    if not on_gpu:
+        print("GPU numbers (peak memory, the 24 GB cap, the real 7B / 13B shapes) are not measured by a CPU run.")
+    write_json(result, path)
+    print(f"results: {path}")
+    return 0
+
+
+def _cap_memory(device, cap_gb: float) -> Optional[float]:
+    if not cap_gb:
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GIB / total), device)
+    return cap_gb
+
+
+def _version(package: str) -> Optional[str]:
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        return version(package)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""bitsandbytes bases: what LoFiT needs to train on an 8-bit or 4-bit model, and nothing more.
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    prepare_kbit_training(model, gradient_checkpointing=True)
+    handle = lofit_fast.patch_model(model, heads, scale=False)
+
+`patch_model` works on a bitsandbytes model as it is: LoFiT only reads o_proj's input (scales) or adds
+to its output (offsets), and bitsandbytes' Linear4bit / Linear8bitLt pass gradients to their input.
+`prepare_kbit_training` does the three things that training on such a model still needs:
+
+1. Freeze the base. Every parameter outside `model.lofit` stops requiring grad (so it can be called
+   before or after `patch_model`).
+2. Keep bitsandbytes' 4-bit CPU kernel out of training. On CPUs with AVX512-BF16, Linear4bit repacks
+   its weight for a gemv kernel the first time it runs in eval mode without grad (a DPO reference pass,
+   an evaluation), and from then on multiplies with that kernel, which has no backward: autograd would
+   only warn, and LoFiT's gradients would be wrong. The repacking is switched off (so call this before
+   any eval-mode pass); a weight that is repacked already is refused, as bitsandbytes' unpacking is lossy.
+3. Gradient checkpointing, non-reentrant, *without* making the embeddings' output require grad.
+   Transformers' `gradient_checkpointing_enable` (and so Trainer's `gradient_checkpointing=True`) adds
+   a hook that does exactly that, because reentrant checkpointing and PEFT need it; then every layer's
+   output requires grad and backward runs, and recomputes, every layer down to the embeddings.
+   Non-reentrant checkpointing needs no input gradient: the LoFiT parameters inside a checkpointed layer
+   make its output require grad, so backward still stops at the lowest layer that holds a selected head
+   (tests/test_quantized.py counts the recomputed layers). The hook is removed.
+
+What it does *not* do is PEFT's `prepare_model_for_kbit_training` upcast of every non-quantized weight
+(layer norms, embeddings, lm_head) to fp32, which PEFT does for numerical stability. LoFiT's own
+parameters are fp32 master weights whatever the base dtype; what the upcast would buy for their gradients
+was measured instead, on a 4-layer llama (hidden 256, vocab 1000, NF4, batch 4 x 64 tokens): relative
+error of the LoFiT gradients against the same NF4 base computed in fp32, with the base's non-quantized
+weights kept in 16 bits / upcast to fp32, for two seeds:
+
+    compute  step               seed 0 kept / upcast    seed 1 kept / upcast    saved for backward
+    bf16     1 (scale, all)     7.09e-2 / 7.02e-2       6.52e-2 / 6.47e-2       7.62 -> 12.09 MB
+    bf16     2 (offset, K=4)    3.94e-2 / 3.92e-2       4.82e-2 / 4.82e-2       5.78 ->  8.93 MB
+    fp16     1 (scale, all)     3.01e-2 / 3.00e-2       2.28e-2 / 2.28e-2       7.62 -> 12.09 MB
+    fp16     2 (offset, K=4)    1.87e-2 / 1.86e-2       1.60e-2 / 1.58e-2       5.78 ->  8.93 MB
+
+The upcast removes about 1% of the 16-bit gradient error, which comes from the 16-bit matmuls and
+attention that it leaves as they are (the losses differ from fp32 by under 7e-4 either way). It costs
+55-59% more activation memory saved for backward, as the residual stream and the logits become fp32 (on
+the test's tiny model the upcast model saves exactly what an fp32 model saves), and twice the bytes of
+every non-quantized weight. So the base keeps its dtype; tests/test_quantized.py checks both findings.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .patch import LOFIT_MODULE_NAME
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantizationInfo:
+    """How the linear layers of a bitsandbytes model are quantized."""
+
+    method: str  # "int8" (LLM.int8), "nf4" or "fp4"
+    double_quant: bool  # 4-bit: the block scales are quantized too (bnb_4bit_use_double_quant)
+    compute_dtype: Optional[torch.dtype]  # 4-bit: the dtype the dequantized matmul runs in
+    num_layers: int  # quantized linear layers
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.method == "int8" else 4
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    return bitsandbytes
+
+
+def quantized_linears(model: nn.Module) -> list[nn.Module]:
+    """The bitsandbytes Linear4bit and (int8-weight) Linear8bitLt layers of `model`."""
+    bnb = _bitsandbytes()
+    if bnb is None:
+        return []
+    return [module for module in model.modules()
+            if isinstance(module, bnb.nn.Linear4bit)
+            or (isinstance(module, bnb.nn.Linear8bitLt) and not module.state.has_fp16_weights)]
+
+
+def quantization_info(model: nn.Module) -> Optional[QuantizationInfo]:
+    """How `model` is quantized by bitsandbytes, or None when it has no quantized linear layer.
+    ValueError if it mixes methods (LoFiT itself would not mind; the report would be wrong)."""
+    layers = quantized_linears(model)
+    if not layers:
+        return None
+    kinds = {_layer_kind(layer) for layer in layers}
+    if len(kinds) > 1:
+        raise ValueError(f"the model mixes bitsandbytes quantizations {sorted(map(str, kinds))}")
+    method, double_quant, compute_dtype = kinds.pop()
+    return QuantizationInfo(method=method, double_quant=double_quant, compute_dtype=compute_dtype,
+                            num_layers=len(layers))
+
+
+def _layer_kind(layer: nn.Module) -> tuple:
+    bnb = _bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return "int8", False, None
+    quant_state = layer.weight.quant_state
+    if quant_state is not None:
+        quant_type = quant_state.quant_type
+        nested = bool(getattr(quant_state, "original_nested", quant_state.nested))
+    else:  # not quantized yet (still on the meta device or the host)
+        quant_type = layer.weight.quant_type
+        nested = bool(layer.weight.compress_statistics)
+    return quant_type, nested, layer.compute_dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation
+# ----------------------------------------------------------------------------------------------
+
+def prepare_kbit_training(model: nn.Module, gradient_checkpointing: bool = False,
+                          gradient_checkpointing_kwargs: Optional[dict] = None) -> nn.Module:
+    """Get a (bitsandbytes or plain) Hugging Face model ready for LoFiT training; returns it.
+
+    Freezes every parameter outside `model.lofit`, keeps bitsandbytes' 4-bit layers on differentiable
+    kernels (see the module doc), and with `gradient_checkpointing=True` turns on non-reentrant
+    checkpointing without the embedding hook that would make backward run through every layer.
+    Weights keep their dtype: unlike PEFT's `prepare_model_for_kbit_training` nothing is upcast to fp32
+    (measured in the module doc: it costs memory and does not make LoFiT's gradients more accurate).
+    """
+    for name, parameter in model.named_parameters():
+        if name.split(".", 1)[0] != LOFIT_MODULE_NAME:
+            parameter.requires_grad_(False)
+    keep_4bit_layers_differentiable(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, gradient_checkpointing_kwargs)
+    return model
+
+
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel, which has no backward
+    (autograd would only warn, and gradients through those layers would be wrong). ValueError if a layer
+    is repacked already: bitsandbytes' own unpacking does not give the original weight back."""
+    bnb = _bitsandbytes()
+    if bnb is None:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise ValueError(
+                f"{name or type(module).__name__}: bitsandbytes has repacked this 4-bit weight for its CPU "
+                f"inference kernel (it does so on the first eval-mode call without grad on CPUs with "
+                f"AVX512-BF16), and that kernel has no backward. Load the model again and call "
+                f"lofit_fast.prepare_kbit_training(model) before running it in eval mode")
+        module.support_avx512bf16_for_cpu = False
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: Optional[dict] = None) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, with the embeddings' output left
+    as it is (not requiring grad), so backward stops at the lowest layer with trainable LoFiT heads.
+
+    `kwargs` go to Transformers' `activation_checkpointing_enable` (`gradient_checkpointing_enable` in
+    older versions) and on to `torch.utils.checkpoint`; `use_reentrant=True` is refused: reentrant
+    checkpointing gives parameters inside a layer no gradient unless the layer's input requires grad.
+    """
+    kwargs = dict(kwargs or {})
+    if kwargs.get("use_reentrant", False):
+        raise ValueError("LoFiT uses non-reentrant gradient checkpointing (use_reentrant=False): reentrant "
+                         "checkpointing needs the embeddings' output to require grad, which makes backward run "
+                         "through every layer, not only those above the lowest selected head")
+    kwargs["use_reentrant"] = False
+    if hasattr(model, "activation_checkpointing_enable"):  # Transformers 5
+        layer_options = {key: kwargs.pop(key) for key in ("every_n_layers", "offload") if key in kwargs}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **layer_options)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing (not a Transformers model?)")
+    disable_input_require_grads(model)
+
+
+def disable_input_require_grads(model: nn.Module) -> None:
+    """Remove the hooks of Transformers' `enable_input_require_grads`, if any are attached."""
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
