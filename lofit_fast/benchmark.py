@@ -84,6 +84,8 @@ from typing import Callable
 
 import torch
 
+from .io import atomic_write_text
+
 from .ops import head_affine, head_affine_torch_forward, triton_interpreter_enabled
 
 SHAPES = {"llama2-7b": (32, 128), "llama2-13b": (40, 128), "gemma-7b": (16, 256)}
@@ -553,12 +555,11 @@ def output_path(output: str, device: str, date: str, suffix: str = "") -> str:
 
 
 def write_json(result: dict, path: str) -> None:
+    """Write atomically: an interrupted run never leaves a half-written results file."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=1)
-        handle.write("\n")
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

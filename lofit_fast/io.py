@@ -21,6 +21,10 @@ def atomic_path(path):
         yield temporary
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
+        # mkstemp makes the file private (0600): give it the mode a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

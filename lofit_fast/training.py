@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from .io import atomic_write_text
 from .losses import dpo_loss, sequence_logprobs
@@ -154,6 +155,9 @@ def _train(handle: LofitHandle, train_dataset, data_collator, loss: str, setting
         l1_lambda=settings.l1_lambda,
         dpo_beta=settings.dpo_beta,
     )
+    if trainer.args.disable_tqdm and trainer.args.logging_strategy == "no":
+        # Asked to be quiet: without this, PrinterCallback still prints the end-of-training summary.
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 

@@ -227,14 +227,16 @@ def test_unserialisable_method_settings_fail_before_anything_is_replaced(tmp_pat
 # Merging into plain weights
 # ----------------------------------------------------------------------------------------------
 
-def assert_plain(model):
-    """No LoFiT left: no module, no parameters, no hooks; base flags as before patching (all trainable)."""
+def assert_plain(model, base_trainable=True):
+    """No LoFiT left: no module, no parameters, no hooks; with base_trainable, the base flags as before
+    patching (all trainable; a quantized base's weights never are)."""
     assert not hasattr(model, "lofit")
     assert not any("lofit" in name for name, _ in model.named_parameters())
     for layer in model.model.layers:
         o_proj = layer.self_attn.o_proj
         assert not o_proj._forward_pre_hooks and not o_proj._forward_hooks
-    assert all(p.requires_grad for p in model.parameters())
+    if base_trainable:
+        assert all(p.requires_grad for p in model.parameters())
 
 
 # gemma and qwen3 have heads * head_dim (72) != hidden (48), like Gemma-7B and Qwen3.
@@ -341,17 +343,11 @@ def test_merge_offsets_into_quantized_o_proj(saved_base, bits, mode, atol, scale
     expected = logits(model)
     assert (expected - base).abs().max() > 0.1
     merged = handle.merge_and_unload()
-    assert_plain_quantized(merged)
+    assert_plain(merged, base_trainable=False)
     assert all(torch.equal(a, b) for a, b in zip(quantized_weights(merged), weights))  # weights untouched
     torch.testing.assert_close(logits(merged), expected, atol=atol, rtol=0)
 
 
-def assert_plain_quantized(model):
-    assert not hasattr(model, "lofit")
-    assert not any("lofit" in name for name, _ in model.named_parameters())
-    for layer in model.model.layers:
-        o_proj = layer.self_attn.o_proj
-        assert not o_proj._forward_pre_hooks and not o_proj._forward_hooks
 
 
 def test_8bit_merge_before_the_first_forward_call(saved_base):

@@ -15,13 +15,6 @@ pytest.importorskip("bitsandbytes")
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_quick_run_writes_a_row_per_impl_and_quant(tmp_path, capsys):
     path = tmp_path / "e2e.json"

@@ -23,14 +23,6 @@ TRAIN = ["--epochs", "1", "--batch-size", "4", "--backend", "torch"]
 ADAPTER_HEADS = [(0, 1), (1, 4), (2, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

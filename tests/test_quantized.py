@@ -61,15 +61,6 @@ HEAD_DIM = 12
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops on these tiny models take microseconds; with several threads, waking them costs more than the
-    work (about 50x on a shared 2-core runner)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def saved_base(tmp_path_factory):
