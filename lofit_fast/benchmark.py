@@ -369,7 +369,7 @@ def run_kernel_benchmark(cases: list[Case], impls: list[str], modes: list[str], 
             transform, trained = build_transform(impl, case.num_heads, case.head_dim, case.k, case.params, device)
             for mode in modes:
                 done += 1
-                _progress(f"[{done}/{total}] {impl} {mode} {case.label}")
+                progress(f"[{done}/{total}] {impl} {mode} {case.label}")
                 fn = mode_function(mode, transform, z, trained, grad)
                 median, low, high = time_ms(fn, device, budget)
                 memory = peak_mb(fn, device)
@@ -383,23 +383,24 @@ def run_kernel_benchmark(cases: list[Case], impls: list[str], modes: list[str], 
                     dtype=case.dtype, params=case.params, bytes=moved, ms_p20=low, ms_p80=high,
                     copy_gbps=copy, pct_of_copy=100 * gbps / copy,
                     interpreted=impl == "triton" and interpreted))
-                _progress(f"    {median:.4g} ms, {gbps:.3g} GB/s, peak {memory:.3g} MB")
+                progress(f"    {median:.4g} ms, {gbps:.3g} GB/s, peak {memory:.3g} MB")
             del transform, trained
             if impl == "torch_compile":
                 torch._dynamo.reset()
         del z, grad
-        _free(device)
+        free_memory(device)
     largest = max(copies) if copies else None
     return rows, copies[largest] if largest is not None else None
 
 
-def _free(device):
+def free_memory(device):
+    """Drop garbage (and, on CUDA, the allocator's cached blocks) between measurements."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _progress(message: str):
+def progress(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
@@ -458,7 +459,7 @@ def run_cpu_target(rounds: int, device: torch.device) -> dict:
         if transform is not None:
             calls[f"{name}/isolated"] = alone(transform, trained)
     names = list(calls)
-    _progress(f"cpu target: {len(names)} calls per round, {rounds} rounds (+1 warm-up)")
+    progress(f"cpu target: {len(names)} calls per round, {rounds} rounds (+1 warm-up)")
     times = {name: [] for name in names}
     for round_index in range(rounds + 1):
         shift = round_index % len(names)  # rotate the order so that no variant always runs first
@@ -469,7 +470,7 @@ def run_cpu_target(rounds: int, device: torch.device) -> dict:
             if round_index > 0:
                 times[name].append(elapsed)
         if round_index > 0:
-            _progress(f"  round {round_index}/{rounds}: o_proj {times['o_proj'][-1]:.0f} ms, " + ", ".join(
+            progress(f"  round {round_index}/{rounds}: o_proj {times['o_proj'][-1]:.0f} ms, " + ", ".join(
                 f"{name} +{times[name][-1] - times['o_proj'][-1]:.0f}" for name in variants))
 
     base_peak = peak_mb(calls["o_proj"], device)
@@ -566,7 +567,7 @@ def write_json(result: dict, path: str) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def _list_of(valid=None, convert=str):
+def comma_list(valid=None, convert=str):
     """argparse type: a comma-separated list, each item converted and checked against `valid`."""
     def parse(text: str):
         items = [convert(item.strip()) for item in text.split(",") if item.strip()]
@@ -604,15 +605,15 @@ def _flatten(lists):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofit bench", description="Microbenchmark of the LoFiT head transform (see lofit_fast/benchmark.py).")
-    parser.add_argument("--impl", nargs="+", type=_list_of(IMPLS),
+    parser.add_argument("--impl", nargs="+", type=comma_list(IMPLS),
                         help=f"{', '.join(IMPLS)} (default: all; triton on CPU only if named, with TRITON_INTERPRET=1)")
-    parser.add_argument("--mode", nargs="+", type=_list_of(MODES), help="forward, backward, full (default: all)")
-    parser.add_argument("--shape", nargs="+", type=_list_of(convert=_shape),
+    parser.add_argument("--mode", nargs="+", type=comma_list(MODES), help="forward, backward, full (default: all)")
+    parser.add_argument("--shape", nargs="+", type=comma_list(convert=_shape),
                         help=f"{', '.join(SHAPES)} or HEADSxHEAD_DIM (default: the three models)")
-    parser.add_argument("--tokens", nargs="+", type=_list_of(convert=_tokens), help="e.g. 4k,16k (the default)")
-    parser.add_argument("--k", nargs="+", type=_list_of(convert=_k), help="selected heads per layer: all, or a count "
+    parser.add_argument("--tokens", nargs="+", type=comma_list(convert=_tokens), help="e.g. 4k,16k (the default)")
+    parser.add_argument("--k", nargs="+", type=comma_list(convert=_k), help="selected heads per layer: all, or a count "
                         "(default: all,2)")
-    parser.add_argument("--params", nargs="+", type=_list_of(PARAMS),
+    parser.add_argument("--params", nargs="+", type=comma_list(PARAMS),
                         help="trained parameters: scale+offset (default), offset, scale")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="activations (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -57,7 +57,6 @@ step_mb_vs_floor, saved_vs_floor, time_vs_floor (None where a figure does not ap
 import argparse
 import contextlib
 import datetime
-import gc
 import os
 import random
 import statistics
@@ -69,7 +68,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .benchmark import device_name, eager_hook_transform, file_safe, write_json
+from .benchmark import (comma_list, device_name, eager_hook_transform, file_safe, free_memory, progress,
+                        write_json)
 from .patch import find_o_projs, patch_model
 
 DEFAULT_OUTPUT = "benchmarks/results"
@@ -281,7 +281,7 @@ def step_ms(step: Callable, device, warmup: int, steps: int) -> float:
 
 def cuda_peak_mb(step: Callable, device) -> tuple[float, float]:
     """(peak MB allocated during one step, that peak minus what was allocated before the step)."""
-    _free(device)
+    free_memory(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     step()
@@ -309,12 +309,6 @@ def saved_for_backward_mb(attached: Attached, batch: int, seq: int, vocab: int, 
     return sum(storages.values()) / 2**20
 
 
-def _free(device):
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 def fits(step_factory: Callable[[int], Callable], batch: int, device) -> bool:
     """Whether one step at `batch` runs without running out of memory (under the cap)."""
     out_of_memory = False
@@ -323,7 +317,7 @@ def fits(step_factory: Callable[[int], Callable], batch: int, device) -> bool:
         _synchronize(device)
     except torch.cuda.OutOfMemoryError:
         out_of_memory = True  # leave the except block first, so the traceback's frames are freed
-    _free(device)
+    free_memory(device)
     return not out_of_memory
 
 
@@ -371,7 +365,7 @@ def run_model(name: str, quant: str, impls: list, settings: Settings, device) ->
     full_layers = MODELS[name]["num_hidden_layers"]
     k = settings.k or max(1, round(PAPER_K * config.num_hidden_layers / full_layers))
     heads = random_heads(config.num_hidden_layers, config.num_attention_heads, k, settings.seed)
-    _progress(f"{name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) {quant}: building")
+    progress(f"{name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) {quant}: building")
     model = build_quantized_model(config, quant, device, DTYPES[settings.dtype], settings.seed)
     common = dict(model=name, quant=quant, dtype=settings.dtype, layers=config.num_hidden_layers,
                   hidden=config.hidden_size, seq=settings.seq, k=k, lowest_layer=min(layer for layer, _ in heads),
@@ -384,21 +378,21 @@ def run_model(name: str, quant: str, impls: list, settings: Settings, device) ->
             return body(attached)
         finally:
             attached.detach()
-            _free(device)
+            free_memory(device)
 
     def factory(attached):
         return lambda batch: make_step(attached, batch, settings.seq, config.vocab_size, device)
 
     if device.type == "cuda":
         for impl in impls:
-            _progress(f"  {impl}: largest batch")
+            progress(f"  {impl}: largest batch")
             rows[impl]["max_batch"] = measure(impl, lambda a: largest_batch(factory(a), device, settings.max_batch))
             rows[impl]["fits_24gb"] = rows[impl]["max_batch"] > 0
         fitting = [row["max_batch"] for row in rows.values() if row["max_batch"] > 0]
         batch = settings.batch or (min(fitting) if fitting else 1)
     else:
         batch = settings.batch or 1
-    _progress(f"  every impl at batch {batch}: memory, then {settings.steps} interleaved timing rounds")
+    progress(f"  every impl at batch {batch}: memory, then {settings.steps} interleaved timing rounds")
     for impl in impls:
         rows[impl].update(measure(impl, lambda a: _memory_at(a, factory(a), batch, settings, config, device)))
     runnable = [impl for impl in impls if rows[impl]["fits_at_batch"]]
@@ -408,14 +402,14 @@ def run_model(name: str, quant: str, impls: list, settings: Settings, device) ->
         for impl in impls:
             row = rows[impl]
             if row["max_batch"] > 0:
-                _progress(f"  {impl}: at its largest batch, {row['max_batch']}")
+                progress(f"  {impl}: at its largest batch, {row['max_batch']}")
                 peak, milliseconds = measure(impl, lambda a: _at_own_batch(factory(a), row["max_batch"], settings,
                                                                            device))
                 if milliseconds is not None:
                     row.update(peak_mb_at_max_batch=peak,
                                tokens_per_s_at_max_batch=row["max_batch"] * settings.seq / milliseconds * 1e3)
     del model
-    _free(device)
+    free_memory(device)
     _compare_with_floor(rows)
     return list(rows.values())
 
@@ -465,10 +459,6 @@ def _compare_with_floor(rows: dict) -> None:
             row[ratio] = row[key] / base if base and row.get(key) is not None else None
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Table and command line
 # ----------------------------------------------------------------------------------------------
@@ -499,23 +489,13 @@ def format_table(rows: list[dict], device_type: str) -> str:
     return "\n".join(lines)
 
 
-def _list_of(valid):
-    def parse(text: str):
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        for item in items:
-            if item not in valid:
-                raise argparse.ArgumentTypeError(f"{item!r} is not one of {', '.join(valid)}")
-        return items
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofit bench --e2e",
         description="LoFiT step-2 training on quantized bases (see lofit_fast/benchmark_e2e.py).")
-    parser.add_argument("--models", type=_list_of(tuple(MODELS)), help="llama2-7b,llama2-13b (default: both)")
-    parser.add_argument("--quant", type=_list_of(QUANTS), help="nf4,int8 (default: both)")
-    parser.add_argument("--impl", type=_list_of(IMPLS),
+    parser.add_argument("--models", type=comma_list(tuple(MODELS)), help="llama2-7b,llama2-13b (default: both)")
+    parser.add_argument("--quant", type=comma_list(QUANTS), help="nf4,int8 (default: both)")
+    parser.add_argument("--impl", type=comma_list(IMPLS),
                         help=f"{','.join(IMPLS)} (default: all; qlora only when peft is installed)")
     parser.add_argument("--k", type=int, help=f"selected heads (default {PAPER_K}, scaled with the layers kept)")
     parser.add_argument("--dtype", choices=tuple(DTYPES),
@@ -559,7 +539,7 @@ def _impls(named: Optional[list]) -> list:
     try:
         import peft  # noqa: F401
     except ImportError:
-        _progress("note: peft is not installed, so the qlora baseline is skipped (pip install peft)")
+        progress("note: peft is not installed, so the qlora baseline is skipped (pip install peft)")
         return [impl for impl in IMPLS if impl != "qlora"]
     return list(IMPLS)
 

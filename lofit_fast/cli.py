@@ -214,11 +214,6 @@ def evaluate_examples(model, tokenizer, task: str, examples: list, max_new_token
                                                batch_size=batch_size), "examples": len(examples)}
 
 
-def evaluate_task(model, tokenizer, task: str, path: str, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
-    """`evaluate_examples` on the data file at `path`."""
-    return evaluate_examples(model, tokenizer, task, evaluation_examples(task, path), max_new_tokens, batch_size)
-
-
 def cmd_merge(args):
     from .adapter import load_adapter
 
