@@ -5,6 +5,11 @@
 `z` is the input of `o_proj`, viewed as (batch, tokens, num_heads * head_dim). `head_index[k]` is the
 head that slot `k` of `scale` / `offset` (each (K, head_dim), fp32) belongs to.
 
+Many adapters in one batch (ROUTED): `scale` / `offset` are (A, K, head_dim) and `adapter_index` (B,) names
+the adapter of each row of z along dim 0 (-1: none, the row is copied unchanged). The same two kernels run
+with the constexpr ROUTED; without it they do the work they did before (to the backward, all tokens are one
+row, cut into chunks as before).
+
 Why the kernels look like this:
 - The op is out of place. `z` is usually the freshly made `.contiguous()` output of attention, but
   with some attention implementations it is a view of a tensor that attention saved for its own
@@ -20,6 +25,12 @@ Why the kernels look like this:
   (token programs, K) reads only the selected heads' columns of g to sum them.
 - Reductions are deterministic: every program owns a fixed token range and writes one fp32 partial
   row per slot; the host sums the (programs, K, head_dim) partials with one `sum(0)`. No atomics.
+- Routed forward: each token loads its row's adapter and gathers its (BLOCK_T, head_dim) scale / offset
+  rows (rows of one batch row hit the same cache lines); tokens of rows with -1 keep z.
+- Routed backward: a program's token range is a chunk of one batch row, never two, so its partial
+  sums belong to one adapter and its grad_z multiplier is one row of scale. The launcher returns the
+  sums per batch row, (B, K, head_dim); `lofit_fast.ops` reduces rows to adapters (same code for both
+  backends).
 - Everything is computed in fp32 and cast on store (bf16 math is also wrong under the interpreter).
 - Compiled for a GPU, both kernels are autotuned (tile height BLOCK_T, num_warps, num_stages) per shape;
   under TRITON_INTERPRET=1 they run one fixed config (see "Launch configurations").
@@ -111,14 +122,14 @@ def _slot_of_head(head_index_ptr, num_selected, head, BLOCK_K: tl.constexpr):
 
 
 @_autotuned(_FORWARD_CONFIGS, key=["tokens_bucket", "num_selected", "HEAD_DIM", "NUM_HEADS",
-                                    "HAS_SCALE", "HAS_OFFSET", "SAVE_SELECTED"])
+                                    "HAS_SCALE", "HAS_OFFSET", "SAVE_SELECTED", "ROUTED"])
 @triton.jit
 def _head_affine_forward_kernel(
-    z_ptr, out_ptr, z_selected_ptr, head_index_ptr, scale_ptr, offset_ptr,
-    num_tokens, seq_len, num_selected, tokens_bucket,
+    z_ptr, out_ptr, z_selected_ptr, head_index_ptr, scale_ptr, offset_ptr, adapter_index_ptr,
+    num_tokens, seq_len, tokens_per_row, num_selected, tokens_bucket,
     stride_zb, stride_zt, stride_zc,
     HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr, SAVE_SELECTED: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr, SAVE_SELECTED: tl.constexpr, ROUTED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -138,32 +149,49 @@ def _head_affine_forward_kernel(
     z = tl.load(z_ptr + z_offsets, mask=mask, other=0.0)
     if slot >= 0:
         y = z.to(tl.float32)
+        if ROUTED:
+            # Each token's adapter (its batch row's), then a 2D gather of that adapter's row of the slot.
+            adapter = tl.load(adapter_index_ptr + tokens // tokens_per_row, mask=token_mask, other=-1)
+            routed = adapter >= 0
+            param_offsets = ((adapter * num_selected + slot) * HEAD_DIM)[:, None] + cols[None, :]
+            param_mask = routed[:, None] & col_mask[None, :]
         if HAS_SCALE:
-            a = tl.load(scale_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
-            y = y * (1.0 + a[None, :])
+            if ROUTED:
+                a = tl.load(scale_ptr + param_offsets, mask=param_mask, other=0.0).to(tl.float32)
+                y = y * (1.0 + a)
+            else:
+                a = tl.load(scale_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
+                y = y * (1.0 + a[None, :])
             if SAVE_SELECTED:
                 saved_offsets = tokens[:, None] * (num_selected * HEAD_DIM) + (slot * HEAD_DIM + cols)[None, :]
                 tl.store(z_selected_ptr + saved_offsets, z, mask=mask)
         if HAS_OFFSET:
-            v = tl.load(offset_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
-            y = y + v[None, :]
+            if ROUTED:
+                v = tl.load(offset_ptr + param_offsets, mask=param_mask, other=0.0).to(tl.float32)
+                y = y + v
+            else:
+                v = tl.load(offset_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
+                y = y + v[None, :]
+        if ROUTED:
+            # Rows without an adapter keep z bit for bit (y + 0.0 would turn -0.0 into 0.0).
+            y = tl.where(routed[:, None], y, z.to(tl.float32))
         tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + out_offsets, z, mask=mask)
 
 
 @_autotuned(_BACKWARD_CONFIGS, key=["tokens_bucket", "num_selected", "HEAD_DIM", "NUM_HEADS", "SAVED_BY_HEAD",
-                                     "HAS_SCALE", "WRITE_GRAD_Z", "NEED_GRAD_SCALE", "NEED_GRAD_OFFSET"])
+                                     "HAS_SCALE", "WRITE_GRAD_Z", "NEED_GRAD_SCALE", "NEED_GRAD_OFFSET", "ROUTED"])
 @triton.jit
 def _head_affine_backward_kernel(
     grad_out_ptr, saved_ptr, grad_z_ptr, grad_scale_partial_ptr, grad_offset_partial_ptr,
-    head_index_ptr, scale_ptr,
-    num_tokens, seq_len, num_selected, tokens_per_program, tokens_bucket,
+    head_index_ptr, scale_ptr, adapter_index_ptr,
+    seq_len, tokens_per_row, chunks_per_row, num_selected, tokens_per_program, tokens_bucket,
     stride_gb, stride_gt, stride_gc,
     stride_sb, stride_st, stride_sc,
     HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr, SAVED_BY_HEAD: tl.constexpr,
     HAS_SCALE: tl.constexpr, WRITE_GRAD_Z: tl.constexpr,
-    NEED_GRAD_SCALE: tl.constexpr, NEED_GRAD_OFFSET: tl.constexpr,
+    NEED_GRAD_SCALE: tl.constexpr, NEED_GRAD_OFFSET: tl.constexpr, ROUTED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -178,13 +206,24 @@ def _head_affine_backward_kernel(
 
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < HEAD_DIM
-    first_token = pid_t * tokens_per_program
-    last_token = tl.minimum(first_token + tokens_per_program, num_tokens)
+    # Program pid_t covers chunk (pid_t % chunks_per_row) of batch row (pid_t // chunks_per_row), clipped to
+    # that row. Without ROUTED the launcher passes one row of all tokens, cut into chunks_per_row chunks.
+    row = pid_t // chunks_per_row
+    first_token = row * tokens_per_row + (pid_t % chunks_per_row) * tokens_per_program
+    last_token = tl.minimum(first_token + tokens_per_program, (row + 1) * tokens_per_row)
 
     if slot >= 0:
         multiplier = tl.full((BLOCK_D,), 1.0, tl.float32)
         if HAS_SCALE:
-            multiplier += tl.load(scale_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if ROUTED:
+                # One batch row, so one adapter: its row of the slot, none (multiplier 1) for index -1.
+                # The adapter broadcast over the columns: Triton's interpreter rejects a scalar & vector mask.
+                adapter = tl.load(adapter_index_ptr + row) + tl.zeros((BLOCK_D,), tl.int32)
+                param_offsets = (adapter * num_selected + slot) * HEAD_DIM + cols
+                multiplier += tl.load(scale_ptr + param_offsets, mask=col_mask & (adapter >= 0),
+                                      other=0.0).to(tl.float32)
+            else:
+                multiplier += tl.load(scale_ptr + slot * HEAD_DIM + cols, mask=col_mask, other=0.0).to(tl.float32)
         sum_gz = tl.zeros((BLOCK_D,), tl.float32)
         sum_g = tl.zeros((BLOCK_D,), tl.float32)
         for start in range(first_token, last_token, BLOCK_T):
@@ -251,8 +290,16 @@ def _token_programs(num_tokens: int, num_columns: int, device: torch.device) -> 
     return max(1, min(blocks, triton.cdiv(target, num_columns)))
 
 
-def head_affine_forward(z, head_index, scale, offset, save_selected):
-    """Returns (z', z_selected); z_selected is (tokens, K, head_dim) when saved, else empty."""
+def _contiguous(params):
+    """The kernels index scale / offset as dense (..., K, head_dim) rows."""
+    return params.contiguous() if params is not None else None
+
+
+def head_affine_forward(z, head_index, scale, offset, save_selected, adapter_index=None):
+    """Returns (z', z_selected); z_selected is (tokens, K, head_dim) when saved, else empty.
+
+    With `adapter_index` (B,) for z of shape (B, ..., C), scale / offset are (A, K, head_dim) and row b uses
+    adapter adapter_index[b], none for -1 (the caller has checked the range)."""
     head_dim = (scale if scale is not None else offset).shape[-1]
     num_heads = z.shape[-1] // head_dim
     num_selected = head_index.numel()
@@ -264,26 +311,32 @@ def head_affine_forward(z, head_index, scale, offset, save_selected):
     z_selected = z.new_empty((num_tokens, num_selected, head_dim) if save_selected else (0,))
     if num_tokens == 0:
         return out, z_selected
+    routed = adapter_index is not None
+    # Batch rows are z's dim 0, whatever _as_3d merged: token t (flattened) is in row t // tokens_per_row.
+    tokens_per_row = num_tokens // adapter_index.numel() if routed else 1
     _launch(
         _head_affine_forward_kernel, lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), num_heads),
-        z3, out, z_selected, head_index, scale, offset,
-        num_tokens, max(z3.shape[1], 1), num_selected, _tokens_bucket(num_tokens),
+        z3, out, z_selected, head_index, _contiguous(scale), _contiguous(offset), adapter_index,
+        num_tokens, max(z3.shape[1], 1), tokens_per_row, num_selected, _tokens_bucket(num_tokens),
         z3.stride(0), z3.stride(1), z3.stride(2),
         HEAD_DIM=head_dim, NUM_HEADS=num_heads,
-        HAS_SCALE=scale is not None, HAS_OFFSET=offset is not None, SAVE_SELECTED=save_selected,
+        HAS_SCALE=scale is not None, HAS_OFFSET=offset is not None, SAVE_SELECTED=save_selected, ROUTED=routed,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_K=triton.next_power_of_2(num_selected),
     )
     return out, z_selected
 
 
 def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
-                         need_grad_z, need_grad_scale, need_grad_offset):
+                         need_grad_z, need_grad_scale, need_grad_offset, adapter_index=None):
     """Returns (grad_z or None, grad_scale or None, grad_offset or None).
 
     `saved` is z itself when every head is selected, else z_selected from the forward (slot order).
 
     grad_z is None when there is no scale (the gradient then passes through unchanged and the caller
     hands grad_out on as it is) or when it is not needed (z of the lowest patched layer).
+
+    With `adapter_index` (B,), grad_scale / grad_offset are the sums per batch row, (B, K, head_dim), which
+    `lofit_fast.ops` reduces to the adapters.
     """
     num_heads = grad_out.shape[-1] // head_dim
     num_selected = head_index.numel()
@@ -301,11 +354,20 @@ def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
     else:
         s3, saved_strides = saved, (0, 0, 0)
     num_columns = num_heads if write_grad_z else num_selected
+    routed = adapter_index is not None
+    # Without routing all tokens form one row. Routed, the rows are grad_out's dim 0 and no program's range may
+    # cross from one row into the next: its sums and its scale row belong to that row's adapter.
+    num_rows = adapter_index.numel() if routed else 1
+    tokens_per_row = num_tokens // num_rows if num_rows else 0
     programs = _token_programs(num_tokens, num_columns, grad_out.device)
     # A whole number of _TOKEN_ALIGN tokens, whatever BLOCK_T the autotuner picks; at least one, so that zero
-    # tokens give one (empty) program rather than a division by zero.
+    # tokens give one (empty) program rather than a division by zero. Routed, the last chunk of each row is
+    # clipped to the row, so its last tile may be partial: the kernel masks it.
     tokens_per_program = max(1, triton.cdiv(triton.cdiv(num_tokens, programs), _TOKEN_ALIGN)) * _TOKEN_ALIGN
-    programs = max(1, triton.cdiv(num_tokens, tokens_per_program))
+    chunks_per_row = max(1, triton.cdiv(tokens_per_row, tokens_per_program))
+    programs = num_rows * chunks_per_row
+    # The autotuning key: the tokens one program walks (routed decoding has one per row, not B).
+    tokens_bucket = _tokens_bucket(min(tokens_per_row, tokens_per_program) if routed else num_tokens)
 
     grad_z = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) if write_grad_z else None
     partial_shape = (programs, num_selected, head_dim)
@@ -322,15 +384,22 @@ def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
         _launch(
             _head_affine_backward_kernel, lambda meta: (programs, num_columns),
             g3, s3, grad_z, grad_scale_partial, grad_offset_partial,
-            head_index, scale,
-            num_tokens, max(g3.shape[1], 1), num_selected, tokens_per_program, _tokens_bucket(num_tokens),
+            head_index, _contiguous(scale), adapter_index,
+            max(g3.shape[1], 1), tokens_per_row, chunks_per_row, num_selected, tokens_per_program, tokens_bucket,
             g3.stride(0), g3.stride(1), g3.stride(2),
             *saved_strides,
             HEAD_DIM=head_dim, NUM_HEADS=num_heads, SAVED_BY_HEAD=saved_by_head,
             HAS_SCALE=scale is not None, WRITE_GRAD_Z=write_grad_z,
-            NEED_GRAD_SCALE=need_grad_scale, NEED_GRAD_OFFSET=need_grad_offset,
+            NEED_GRAD_SCALE=need_grad_scale, NEED_GRAD_OFFSET=need_grad_offset, ROUTED=routed,
             BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_K=triton.next_power_of_2(num_selected),
         )
-    grad_scale = grad_scale_partial.sum(0) if need_grad_scale else None
-    grad_offset = grad_offset_partial.sum(0) if need_grad_offset else None
+
+    def total(partial):
+        """Sum of the programs' partials: over all of them, or routed, over each row's chunks."""
+        if routed:
+            return partial.view(num_rows, chunks_per_row, num_selected, head_dim).sum(1)
+        return partial.sum(0)
+
+    grad_scale = total(grad_scale_partial) if need_grad_scale else None
+    grad_offset = total(grad_offset_partial) if need_grad_offset else None
     return grad_z, grad_scale, grad_offset

@@ -4,6 +4,7 @@
 """
 
 from .adapter import load_adapter
+from .multi import MultiAdapterHandle, load_adapters
 from .ops import head_affine
 from .patch import ARCHITECTURES, LofitHandle, patch_model, register_architecture
 
@@ -11,7 +12,8 @@ from .patch import ARCHITECTURES, LofitHandle, patch_model, register_architectur
 # loaded on first use, so `import lofit_fast` and patch_model stay quick.
 _LAZY = {"prepare_kbit_training": "quantization", "quantization_info": "quantization",
          "select_heads": "training", "tune": "training", "HeadRanking": "training", "StepSettings": "training",
-         "paper_settings": "training", "random_ranking": "training"}
+         "paper_settings": "training", "random_ranking": "training", "probe_ranking": "probing",
+         "LofitConfig": "lofit_model", "LofitModel": "lofit_model", "get_lofit_model": "lofit_model"}
 
 
 def __getattr__(name):
@@ -24,5 +26,7 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = ["patch_model", "LofitHandle", "register_architecture", "ARCHITECTURES", "head_affine", "load_adapter",
+           "load_adapters", "MultiAdapterHandle",
            "prepare_kbit_training", "quantization_info", "select_heads", "tune", "HeadRanking", "StepSettings",
-           "paper_settings", "random_ranking", "__version__"]
+           "paper_settings", "random_ranking", "probe_ranking", "LofitConfig", "LofitModel", "get_lofit_model",
+           "__version__"]

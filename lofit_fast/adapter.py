@@ -23,7 +23,7 @@ import copy
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional
 
 import safetensors
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .io import atomic_path
-from .patch import AttentionShape, LofitHandle, attention_shape, find_o_projs, patch_model
+from .patch import AttentionShape, LofitHandle, attention_shape, base_transformer, find_o_projs, patch_model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,6 +56,7 @@ class AdapterConfig:
     scale: bool
     offset: bool
     method: dict = field(default_factory=dict)  # the training settings (handle.method_settings)
+    target_module: Optional[str] = None  # patch_model's target_module; None: the architecture's o_proj
 
     def shape_text(self) -> str:
         return (f"{self.num_layers} layers x {self.num_heads} heads (head_dim {self.head_dim}) "
@@ -82,6 +83,7 @@ def adapter_config(handle: LofitHandle) -> AdapterConfig:
         scale=handle.scale is not None,
         offset=handle.offset is not None,
         method=dict(handle.method_settings),
+        target_module=handle.target_module,
     )
 
 
@@ -99,7 +101,8 @@ def read_config(directory) -> AdapterConfig:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
-    missing = [f.name for f in fields(AdapterConfig) if f.name not in raw and f.name != "method"]
+    required = [f.name for f in fields(AdapterConfig) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in raw]
     if missing:
         raise ValueError(f"{path} is missing the key(s) {', '.join(missing)}; was it written by lofit_fast?")
     # Unknown keys are ignored, so adapters from newer versions that only add keys still load.
@@ -125,6 +128,8 @@ def _check_config(config: AdapterConfig, path: str) -> None:
         fail(f"architecture must be a string (the model_type), not {config.architecture!r}")
     if config.base_model_name_or_path is not None and not isinstance(config.base_model_name_or_path, str):
         fail(f"base_model_name_or_path must be a string or null, not {config.base_model_name_or_path!r}")
+    if config.target_module is not None and (not isinstance(config.target_module, str) or not config.target_module):
+        fail(f"target_module must be a dotted module path or null, not {config.target_module!r}")
     if not isinstance(config.method, dict):
         fail(f"method must be a JSON object, not {config.method!r}")
     if not isinstance(config.heads, list) or not config.heads:
@@ -147,31 +152,38 @@ def _check_config(config: AdapterConfig, path: str) -> None:
 # Saving
 # ----------------------------------------------------------------------------------------------
 
-def adapter_tensors(handle: LofitHandle) -> dict[str, torch.Tensor]:
-    """The adapter's tensors as saved: fp32, contiguous, on the CPU."""
+def adapter_tensors(handle) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as saved: fp32, contiguous, on the CPU. `handle`: anything with `.scale` and
+    `.offset` (a LofitHandle, or one adapter's LofitParameters of `load_adapters`)."""
     tensors = {"scale": handle.scale, "offset": handle.offset}
     return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items() if t is not None}
 
 
 def save_adapter(handle: LofitHandle, directory) -> None:
-    """Write adapter_config.json and adapter_model.safetensors into `directory` (created if missing).
+    """Write `handle`'s adapter_config.json and adapter_model.safetensors into `directory` (see write_adapter)."""
+    if handle.lofit is None:
+        raise RuntimeError("this LoFiT handle was removed; there is no adapter to save")
+    write_adapter(directory, adapter_config(handle), adapter_tensors(handle))
+
+
+def write_adapter(directory, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `config` as adapter_config.json and `tensors` (fp32, contiguous, on the CPU) as
+    adapter_model.safetensors into `directory` (created if missing).
 
     Both files are first written in full to temporary files in `directory` and flushed to disk; only
     then is the weights file renamed over the old one, and the config right after it. An error or a
     crash while writing leaves an existing adapter as it was and no temporary files behind.
     """
-    if handle.lofit is None:
-        raise RuntimeError("this LoFiT handle was removed; there is no adapter to save")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    config = asdict(adapter_config(handle))
-    tensors = adapter_tensors(handle)
+    config = asdict(config)
     with atomic_path(os.path.join(directory, CONFIG_NAME)) as config_temporary:
         with open(config_temporary, "w", encoding="utf-8") as file:
             try:
                 json.dump(config, file, indent=2)
             except TypeError as error:
-                raise ValueError(f"handle.method_settings must hold only JSON values ({error})") from None
+                raise ValueError(f"the method settings (handle.method_settings) must hold only JSON values "
+                                 f"({error})") from None
             file.write("\n")
             file.flush()
             os.fsync(file.fileno())
@@ -224,7 +236,7 @@ def read_tensors(directory, config: AdapterConfig) -> dict[str, torch.Tensor]:
 
 def check_compatible(config: AdapterConfig, model: nn.Module, directory) -> None:
     """ValueError unless the adapter in `directory` was saved for a model of this architecture and shape."""
-    shape: AttentionShape = attention_shape(model)
+    shape: AttentionShape = attention_shape(base_transformer(model), config.target_module)
     model_type = getattr(model.config, "model_type", None)
     differences = [f"{what} differ ({saved} vs {found})" for what, saved, found in (
         ("architectures", config.architecture, model_type),
@@ -252,7 +264,7 @@ def load_adapter(model: nn.Module, directory, backend: str = "auto", trainable: 
     tensors = read_tensors(directory, config)
     check_compatible(config, model, directory)
     handle = patch_model(model, [tuple(item) for item in config.heads], scale=config.scale,
-                         offset=config.offset, backend=backend)
+                         offset=config.offset, backend=backend, target_module=config.target_module)
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameter = getattr(handle, name)
@@ -330,7 +342,7 @@ class _LayerFold:
 
 def _plan(handle: LofitHandle) -> list[_LayerFold]:
     """Gather each patched layer's fold and check that it can be done, before any weight changes."""
-    o_projs = find_o_projs(handle.model)
+    o_projs = find_o_projs(handle.model, handle.target_module)
     plan = []
     with torch.no_grad():
         for layer in handle.lofit.layers:

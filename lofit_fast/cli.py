@@ -18,6 +18,7 @@ import sys
 
 TASKS = ("clutrr", "mquake", "truthfulqa", "sft-jsonl", "dpo-jsonl")
 PREFERENCE_TASKS = ("truthfulqa", "dpo-jsonl")
+LOCALIZERS = ("lofit", "random", "probe")  # training.LOCALIZERS, copied so that parsing imports no Trainer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     select = commands.add_parser("select", help="step 1: rank attention heads for a task")
     _add_model_arguments(select)
     _add_training_arguments(select)
-    select.add_argument("--localizer", default="lofit", choices=("lofit", "random"))
+    select.add_argument("--localizer", default="lofit", choices=LOCALIZERS,
+                        help="lofit: train a scale on every head, score ||A||_2 (the paper's step 1); random: a "
+                             "seeded order; probe: a linear probe's validation accuracy per head, ITI-style (uses "
+                             "only --batch-size and --seed; nothing is trained in the model)")
     select.add_argument("--l1-lambda", dest="l1_lambda", type=float)
 
     tune = commands.add_parser("tune", help="step 2: learn offsets on the top-K heads")

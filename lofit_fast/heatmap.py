@@ -25,7 +25,12 @@ def _title(ranking: HeadRanking, selected: list, has_scores: bool) -> str:
     if not has_scores:
         return (f"{ranking.localizer} ranking: no scores, only the selected heads are shown\n"
                 f"{len(selected)} of {total} heads selected")
-    return f"step-1 head scores ||A||_2 (localizer: {ranking.localizer})\n{k_text}"
+    return f"{_score_name(ranking)} (localizer: {ranking.localizer})\n{k_text}"
+
+
+def _score_name(ranking: HeadRanking) -> str:
+    """What a ranking's scores are: step 1's scale norms, or the probes' validation accuracy."""
+    return "probe validation accuracy" if ranking.localizer == "probe" else "step-1 head scores ||A_lh||_2"
 
 
 def plot_head_scores(ranking: HeadRanking, path, selected_k=None) -> None:
@@ -64,7 +69,7 @@ def plot_head_scores(ranking: HeadRanking, path, selected_k=None) -> None:
     axes.tick_params(labelsize=7 if ranking.num_heads > 24 else 9)
     axes.set_title(_title(ranking, selected, has_scores), fontsize=10)
     if has_scores:
-        figure.colorbar(image, ax=axes, label="||A_lh||_2")
+        figure.colorbar(image, ax=axes, label=_score_name(ranking))
     with atomic_path(path) as temporary:
         # The temporary name ends in .tmp, so the format is named explicitly.
         figure.savefig(temporary, format="png", dpi=100)

@@ -3,7 +3,16 @@
     z'_h = (1 + scale_k) * z_h + offset_k   for h = head_index[k];   z'_h = z_h for other heads
 
 `z` is the input of one layer's `o_proj`, (..., num_heads * head_dim). `scale` and `offset` are
-(K, head_dim), usually fp32 master weights; either may be None. Two backends compute the op:
+(K, head_dim), usually fp32 master weights; either may be None.
+
+Many adapters in one batch (a server mixing tasks): with `adapter_index`, an integer tensor (B,) for z of
+shape (B, ..., num_heads * head_dim), `scale` / `offset` are (A, K, head_dim), one (K, head_dim) block per
+adapter (all adapters share the slot order of `head_index`; a head an adapter does not use holds zeros), and
+batch row b uses adapter `adapter_index[b]`, or none when it is -1 (the row passes through unchanged). Their
+gradients are (A, K, head_dim): each adapter's token sums over the rows that use it, zeros for unused ones.
+Entries outside [-1, A) raise ValueError (one device sync per call reads their range).
+
+Two backends compute the op:
 "triton" (the fused kernels in `lofit_fast.kernels`) and "torch" (this file: the CPU path and the
 test oracle, exact in fp64). Both run behind one `torch.library.custom_op` with one autograd rule,
 so `torch.compile(fullgraph=True)` sees a single opaque node and backward saves the same thing
@@ -37,21 +46,49 @@ def _saves_input(z, head_index, head_dim) -> bool:
 
 
 def _by_head(params, head_index):
-    """(K, D) rows in slot order -> (H, D) rows in head order; only called when every head is selected."""
-    return params.new_empty(params.shape).index_copy_(0, head_index, params)
+    """(..., K, D) rows in slot order -> (..., H, D) rows in head order; only called when every head is selected."""
+    return params.new_empty(params.shape).index_copy_(-2, head_index, params)
 
 
-def head_affine_torch_forward(z, head_index, scale, offset, save_selected):
+def _params_for_tokens(params, adapter_index, compute, z_dim, identity):
+    """`params` in `compute` precision, shaped to broadcast against z's (..., K, D) heads: the (K, D) rows
+    themselves, or with `adapter_index` each batch row's adapter rows, (B, 1, ..., 1, K, D), with the value
+    `identity` in rows whose index is -1."""
+    params = params.to(compute)
+    if adapter_index is None:
+        return params
+    rows = params.index_select(0, adapter_index.clamp(min=0))
+    rows = torch.where((adapter_index >= 0)[:, None, None], rows, identity)
+    return rows.view(rows.shape[0], *([1] * (z_dim - 2)), *rows.shape[1:])
+
+
+def _multiplier(scale, adapter_index, compute, z_dim):
+    """1 + scale, per batch row when routed; exactly 1 in rows whose adapter index is -1."""
+    return 1 + _params_for_tokens(scale, adapter_index, compute, z_dim, 0.0)
+
+
+def _shift(offset, adapter_index, compute, z_dim):
+    """The offset, per batch row when routed; -0.0 in rows whose adapter index is -1: x + (-0.0) is x for
+    every x, -0.0 included (x + 0.0 would turn -0.0 into 0.0), so those rows come back bit for bit."""
+    return _params_for_tokens(offset, adapter_index, compute, z_dim, -0.0)
+
+
+def head_affine_torch_forward(z, head_index, scale, offset, save_selected, adapter_index=None):
     """Returns (z', z_selected): z_selected is the selected heads of z, (tokens, K, head_dim), when
-    saved for the scale's gradient and fewer than all heads are selected, else an empty tensor."""
+    saved for the scale's gradient and fewer than all heads are selected, else an empty tensor.
+    With `adapter_index` (B,), scale / offset are (A, K, head_dim) and row b of z uses adapter
+    adapter_index[b] (none for -1)."""
     head_dim = (scale if scale is not None else offset).shape[-1]
     compute = _compute_dtype(z.dtype)
     z_heads = z.unflatten(-1, (-1, head_dim))
     empty = z.new_empty((0,))
     if _saves_input(z, head_index, head_dim):
         # Every head: one dense multiply-add over z, no gather or scatter.
-        multiplier = 1 + _by_head(scale.to(compute), head_index) if scale is not None else None
-        shift = _by_head(offset.to(compute), head_index) if offset is not None else None
+        multiplier = shift = None
+        if scale is not None:
+            multiplier = _by_head(_multiplier(scale, adapter_index, compute, z.dim()), head_index)
+        if offset is not None:
+            shift = _by_head(_shift(offset, adapter_index, compute, z.dim()), head_index)
         transformed = z_heads.to(compute)
         if multiplier is not None and shift is not None:
             transformed = torch.addcmul(shift, transformed, multiplier)
@@ -65,9 +102,9 @@ def head_affine_torch_forward(z, head_index, scale, offset, save_selected):
     selected = z_heads.index_select(-2, head_index)
     transformed = selected.to(compute)
     if scale is not None:
-        transformed = transformed * (1 + scale.to(compute))
+        transformed = transformed * _multiplier(scale, adapter_index, compute, z.dim())
     if offset is not None:
-        transformed = transformed + offset.to(compute)
+        transformed = transformed + _shift(offset, adapter_index, compute, z.dim())
     out = z_heads.clone(memory_format=torch.contiguous_format)
     out.index_copy_(-2, head_index, transformed.to(z.dtype))
     z_selected = selected.reshape(-1, head_index.numel(), head_dim) if save_selected and scale is not None else empty
@@ -88,41 +125,75 @@ def _token_sum_of_products(g_rows, z_rows, compute):
     return total
 
 
+def _token_rows(heads, adapter_index, tokens_per_row):
+    """(..., K, D) heads -> (tokens, K, D), the layout the token sums run over (the first dimension); with
+    `adapter_index`, (tokens per row, B, K, D), so that the same sums give one (K, D) result per batch row."""
+    if adapter_index is None:
+        return heads.reshape(-1, *heads.shape[-2:])
+    return heads.reshape(adapter_index.shape[0], tokens_per_row, *heads.shape[-2:]).transpose(0, 1)
+
+
 def head_affine_torch_backward(grad_out, saved, head_index, scale, head_dim,
-                               need_grad_z, need_grad_scale, need_grad_offset):
+                               need_grad_z, need_grad_scale, need_grad_offset, adapter_index=None):
     """Returns (grad_z or None, grad_scale or None, grad_offset or None); grad_z is None when there is
     no scale (the gradient passes through unchanged) or when it is not needed. `saved` is z itself when
-    every head is selected, else the selected heads of z in slot order (see the forward)."""
+    every head is selected, else the selected heads of z in slot order (see the forward).
+
+    With `adapter_index` the scale and offset sums come per batch row, (B, K, head_dim); the registered op
+    reduces them to the adapters with `rows_to_adapters`, for this backend and the kernels alike."""
     compute = _compute_dtype(grad_out.dtype)
     g_heads = grad_out.unflatten(-1, (-1, head_dim))
+    tokens_per_row = grad_out.shape[1:-1].numel()  # used only when routed, where z has at least 2 dims
     grad_scale = grad_offset = grad_z = None
     if _saves_input(grad_out, head_index, head_dim):
-        g_rows = g_heads.reshape(-1, head_index.numel(), head_dim)
+        g_rows = _token_rows(g_heads, adapter_index, tokens_per_row)
         if need_grad_scale and scale is not None:
-            z_rows = saved.unflatten(-1, (-1, head_dim)).reshape(g_rows.shape)
-            grad_scale = _token_sum_of_products(g_rows, z_rows, compute).index_select(0, head_index)
+            z_rows = _token_rows(saved.unflatten(-1, (-1, head_dim)), adapter_index, tokens_per_row)
+            grad_scale = _token_sum_of_products(g_rows, z_rows, compute).index_select(-2, head_index)
         if need_grad_offset:
-            grad_offset = g_rows.sum(0, dtype=compute).index_select(0, head_index)
+            grad_offset = g_rows.sum(0, dtype=compute).index_select(-2, head_index)
         if need_grad_z and scale is not None:
-            multiplier = 1 + _by_head(scale.to(compute), head_index)
+            multiplier = _by_head(_multiplier(scale, adapter_index, compute, grad_out.dim()), head_index)
             grad_z = (g_heads.to(compute) * multiplier).to(grad_out.dtype).flatten(-2).contiguous()
         return grad_z, grad_scale, grad_offset
     g_selected = g_heads.index_select(-2, head_index).to(compute)
-    g_rows = g_selected.reshape(-1, head_index.numel(), head_dim)
+    g_rows = _token_rows(g_selected, adapter_index, tokens_per_row)
     if need_grad_scale and scale is not None:
-        grad_scale = _token_sum_of_products(g_rows, saved, compute)
+        grad_scale = _token_sum_of_products(g_rows, _token_rows(saved, adapter_index, tokens_per_row), compute)
     if need_grad_offset:
         grad_offset = g_rows.sum(0)
     if need_grad_z and scale is not None:
         grad_z = g_heads.clone(memory_format=torch.contiguous_format)
-        grad_z.index_copy_(-2, head_index, (g_selected * (1 + scale.to(compute))).to(grad_out.dtype))
+        multiplier = _multiplier(scale, adapter_index, compute, grad_out.dim())
+        grad_z.index_copy_(-2, head_index, (g_selected * multiplier).to(grad_out.dtype))
         grad_z = grad_z.flatten(-2)
     return grad_z, grad_scale, grad_offset
 
 
-def head_affine_reference(z, head_index, scale=None, offset=None):
+def rows_to_adapters(per_row, adapter_index, num_adapters):
+    """(B, K, D) sums per batch row -> (A, K, D) sums per adapter, rows with index -1 left out; adapters no row
+    uses get zeros. Each adapter's rows are picked with a one-hot (A, B) mask and summed in a fixed order:
+    deterministic on every device (no atomics, unlike index_add_ on CUDA). Picked, not multiplied: as a
+    one-hot matmul, 0 * inf = NaN would carry a non-finite row (say, of the base model, index -1) into every
+    adapter's gradient, and TF32 (if enabled for fp32 matmuls) would round the sums to 10 mantissa bits."""
+    one_hot = torch.arange(num_adapters, device=per_row.device)[:, None] == adapter_index[None, :]
+    rows = per_row.flatten(1)
+    # Blocks of adapters, so that the (adapters, B, K * D) temporary stays near _SUM_CHUNK_ELEMENTS.
+    adapters_per_block = max(1, _SUM_CHUNK_ELEMENTS // max(1, rows.numel()))
+    per_adapter = [torch.where(block[:, :, None], rows, 0).sum(1) for block in one_hot.split(adapters_per_block)]
+    return torch.cat(per_adapter).view(num_adapters, *per_row.shape[1:])
+
+
+def head_affine_reference(z, head_index, scale=None, offset=None, adapter_index=None):
     """The transform written out head by head: short enough to check by eye, differentiable by autograd.
-    Tests run it in fp64 as the oracle for both backends."""
+    Tests run it in fp64 as the oracle for both backends. With `adapter_index` it goes row by row, each row
+    through the single-adapter transform with its adapter's (K, D) rows, or unchanged for index -1."""
+    if adapter_index is not None:
+        rows = [row if adapter < 0 else head_affine_reference(row, head_index,
+                                                              None if scale is None else scale[adapter],
+                                                              None if offset is None else offset[adapter])
+                for row, adapter in zip(z.unbind(0), adapter_index.tolist())]
+        return torch.stack(rows) if rows else z.clone()
     head_dim = (scale if scale is not None else offset).shape[-1]
     heads = list(z.unflatten(-1, (-1, head_dim)).unbind(-2))
     for slot, head in enumerate(head_index.tolist()):
@@ -180,16 +251,37 @@ def _kernels():
 # Registered op
 # ----------------------------------------------------------------------------------------------
 
+def _check_adapter_index_range(adapter_index, num_adapters):
+    """ValueError unless every entry of adapter_index is in [-1, num_adapters). An index out of range would
+    make the kernels read outside scale / offset, so it is checked here, in host code that every call runs,
+    eager or under torch.compile (the op is opaque to the compiler, so this costs no graph break). Reading
+    min and max costs one device sync per call; skipped while a CUDA graph is being captured, where a sync
+    is not allowed."""
+    if adapter_index.numel() == 0:
+        return
+    if adapter_index.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, high = torch.stack(torch.aminmax(adapter_index)).tolist()
+    if low < -1 or high >= num_adapters:
+        raise ValueError(f"adapter_index holds values in [{low}, {high}], outside [-1, {num_adapters}): -1 leaves "
+                         f"a row unchanged and 0..{num_adapters - 1} pick one of the {num_adapters} adapters "
+                         f"stacked in scale / offset")
+
+
 @torch.library.custom_op("lofit_fast::head_affine", mutates_args=())
 def _head_affine_op(z: Tensor, head_index: Tensor, scale: Optional[Tensor], offset: Optional[Tensor],
-                    save_selected: bool, backend: str) -> tuple[Tensor, Tensor]:
+                    save_selected: bool, backend: str,
+                    adapter_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    if adapter_index is not None:
+        _check_adapter_index_range(adapter_index, (scale if scale is not None else offset).shape[0])
     if backend == "triton":
-        return _kernels().head_affine_forward(z, head_index, scale, offset, save_selected)
-    return head_affine_torch_forward(z, head_index, scale, offset, save_selected)
+        return _kernels().head_affine_forward(z, head_index, scale, offset, save_selected, adapter_index)
+    return head_affine_torch_forward(z, head_index, scale, offset, save_selected, adapter_index)
 
 
 @_head_affine_op.register_fake
-def _(z, head_index, scale, offset, save_selected, backend):
+def _(z, head_index, scale, offset, save_selected, backend, adapter_index=None):
+    # Same shapes in both modes: z' is z's shape, z_selected has one row per token of z.
     head_dim = (scale if scale is not None else offset).shape[-1]
     num_tokens = z.numel() // z.shape[-1]
     copies = save_selected and scale is not None and not _saves_input(z, head_index, head_dim)
@@ -201,24 +293,34 @@ def _(z, head_index, scale, offset, save_selected, backend):
 def _head_affine_backward_op(grad_out: Tensor, saved: Tensor, head_index: Tensor,
                              scale: Optional[Tensor], head_dim: int, need_grad_z: bool,
                              need_grad_scale: bool, need_grad_offset: bool,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Custom ops return no None, so a gradient that is not computed comes back as an empty tensor."""
+                             backend: str, adapter_index: Optional[Tensor] = None,
+                             num_adapters: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom ops return no None, so a gradient that is not computed comes back as an empty tensor.
+    With `adapter_index` both backends return scale / offset sums per batch row, reduced here to the
+    `num_adapters` adapters by one piece of code."""
     implementation = _kernels().head_affine_backward if backend == "triton" else head_affine_torch_backward
-    grads = implementation(grad_out, saved, head_index, scale, head_dim,
-                           need_grad_z, need_grad_scale, need_grad_offset)
-    return tuple(grad_out.new_empty((0,)) if grad is None else grad for grad in grads)
+    grad_z, grad_scale, grad_offset = implementation(grad_out, saved, head_index, scale, head_dim,
+                                                     need_grad_z, need_grad_scale, need_grad_offset,
+                                                     adapter_index)
+    if adapter_index is not None:
+        grad_scale, grad_offset = (None if grad is None else rows_to_adapters(grad, adapter_index, num_adapters)
+                                   for grad in (grad_scale, grad_offset))
+    return tuple(grad_out.new_empty((0,)) if grad is None else grad for grad in (grad_z, grad_scale, grad_offset))
 
 
 @_head_affine_backward_op.register_fake
 def _(grad_out, saved, head_index, scale, head_dim, need_grad_z, need_grad_scale, need_grad_offset,
-      backend):
+      backend, adapter_index=None, num_adapters=0):
     # A fresh tensor per output: returning one object twice tells the tracer the outputs alias, and
     # AOTAutograd then hands the offset's gradient to the scale as well.
     def empty():
         return grad_out.new_empty((0,))
 
     def param_grad():
-        return grad_out.new_empty((head_index.shape[0], head_dim), dtype=_compute_dtype(grad_out.dtype))
+        # (K, head_dim), or (A, K, head_dim) with one block per adapter when routed.
+        block = (head_index.shape[0], head_dim)
+        shape = block if adapter_index is None else (num_adapters, *block)
+        return grad_out.new_empty(shape, dtype=_compute_dtype(grad_out.dtype))
 
     grad_z = grad_out.new_empty(grad_out.shape) if need_grad_z and scale is not None else empty()
     return (grad_z, param_grad() if need_grad_scale and scale is not None else empty(),
@@ -226,10 +328,12 @@ def _(grad_out, saved, head_index, scale, head_dim, need_grad_z, need_grad_scale
 
 
 def _setup_context(ctx, inputs, output):
-    z, head_index, scale, offset, save_selected, backend = inputs
-    ctx.head_dim = (scale if scale is not None else offset).shape[-1]
+    z, head_index, scale, offset, save_selected, backend, adapter_index = inputs
+    params = scale if scale is not None else offset
+    ctx.head_dim = params.shape[-1]
+    ctx.num_adapters = params.shape[0] if adapter_index is not None else 0
     saves_input = save_selected and scale is not None and _saves_input(z, head_index, ctx.head_dim)
-    ctx.save_for_backward(z if saves_input else output[1], head_index, scale)
+    ctx.save_for_backward(z if saves_input else output[1], head_index, scale, adapter_index)
     ctx.backend = backend
     # z_selected is an output only so that it can be saved: its gradient is always None, and
     # materialising it would fill a (tokens, K, head_dim) tensor of zeros on every backward.
@@ -239,37 +343,75 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_z_selected):
-    saved, head_index, scale = ctx.saved_tensors
+    saved, head_index, scale, adapter_index = ctx.saved_tensors
     need_grad_z, _, need_grad_scale, need_grad_offset = ctx.needs_input_grad[:4]
     if grad_out is None:  # z' did not reach the loss (grads are not materialised, see _setup_context)
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     if need_grad_scale and saved.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("lofit_fast::head_affine was called with save_selected=False, but the scale "
                            "needs a gradient; call lofit_fast.ops.head_affine, which sets it")
     grad_z, grad_scale, grad_offset = _head_affine_backward_op(
         grad_out, saved, head_index, scale, ctx.head_dim,
-        need_grad_z, need_grad_scale, need_grad_offset, ctx.backend)
+        need_grad_z, need_grad_scale, need_grad_offset, ctx.backend, adapter_index, ctx.num_adapters)
     if need_grad_z and scale is None:
         grad_z = grad_out  # the transform is a shift: its gradient passes through unchanged
     return (grad_z if need_grad_z else None, None,
             grad_scale.to(ctx.scale_dtype) if need_grad_scale else None,
-            grad_offset.to(ctx.offset_dtype) if need_grad_offset else None, None, None)
+            grad_offset.to(ctx.offset_dtype) if need_grad_offset else None, None, None, None)
 
 
 _head_affine_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_ADAPTER_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_param_shapes(z, scale, offset, adapter_index):
+    """ValueError unless the parameters (and adapter_index, when given) have the shapes of their mode. Shapes,
+    dtypes and devices only: nothing here reads device memory (the range is checked in the op)."""
+    params = (("scale", scale), ("offset", offset))
+    if adapter_index is None:
+        for name, value in params:
+            if value is not None and value.dim() != 2:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}; it must be (K, head_dim), or "
+                                 f"(adapters, K, head_dim) together with adapter_index")
+        return
+    if not isinstance(adapter_index, Tensor) or adapter_index.dtype not in _ADAPTER_INDEX_DTYPES:
+        found = adapter_index.dtype if isinstance(adapter_index, Tensor) else type(adapter_index).__name__
+        raise ValueError(f"adapter_index must be an int64 (or int32) tensor, not {found}; use "
+                         f"torch.as_tensor(indices, dtype=torch.long, device=z.device)")
+    if adapter_index.dim() != 1 or z.dim() < 2 or adapter_index.shape[0] != z.shape[0]:
+        raise ValueError(f"adapter_index has shape {tuple(adapter_index.shape)} and z {tuple(z.shape)}: pass one "
+                         f"adapter per row of z along dim 0, shape (z.shape[0],), -1 for a row that uses none; z "
+                         f"needs at least 2 dims (batch, ..., channels), e.g. (batch, 1, channels) when decoding")
+    if adapter_index.device != z.device:
+        raise ValueError(f"adapter_index is on {adapter_index.device} and z on {z.device}; move it to z's device")
+    for name, value in params:
+        if value is not None and value.dim() != 3:
+            raise ValueError(f"with adapter_index, {name} must be (adapters, K, head_dim), one (K, head_dim) block "
+                             f"per adapter, not of shape {tuple(value.shape)}")
+    if scale is not None and offset is not None and scale.shape[0] != offset.shape[0]:
+        raise ValueError(f"scale holds {scale.shape[0]} adapters and offset {offset.shape[0]}; stack the same "
+                         f"adapters in both (zeros where an adapter has no scale or no offset)")
+
+
 def head_affine(z: Tensor, head_index: Tensor, scale: Optional[Tensor] = None,
-                offset: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                offset: Optional[Tensor] = None, backend: str = "auto",
+                adapter_index: Optional[Tensor] = None) -> Tensor:
     """Apply `z'_h = (1 + scale) * z_h + offset` to the heads in `head_index` (see the module doc).
 
     `backend` is "auto" (Triton for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1; torch
     otherwise), "torch" or "triton".
+
+    `adapter_index` (optional): an int64 (or int32) tensor (B,) on z's device for z of shape (B, ..., C); then
+    scale / offset are (A, K, head_dim) and row b uses adapter adapter_index[b], or none when it is -1.
+    ValueError for an entry outside [-1, A) (checked with one device sync per call).
     """
     if scale is None and offset is None:
         raise ValueError("head_affine needs a scale, an offset or both; both are None")
+    _check_param_shapes(z, scale, offset, adapter_index)
     backend = resolve_backend(backend, z.device, z.dtype)
     # Only a scale that is being trained needs the selected heads of z saved for backward.
     save_selected = scale is not None and scale.requires_grad and torch.is_grad_enabled()
-    out, _ = _head_affine_op(z, head_index, scale, offset, save_selected, backend)
+    out, _ = _head_affine_op(z, head_index, scale, offset, save_selected, backend, adapter_index)
     return out

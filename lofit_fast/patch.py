@@ -52,17 +52,20 @@ def _architecture(model: nn.Module) -> ArchitectureSpec:
         f"layers='model.layers', o_proj='self_attn.o_proj') using the dotted paths of your model.")
 
 
-def find_o_projs(model: nn.Module) -> list[nn.Module]:
-    """The attention output projection of every decoder layer, lowest layer first."""
+def find_o_projs(model: nn.Module, target_module: Optional[str] = None) -> list[nn.Module]:
+    """The attention output projection of every decoder layer, lowest layer first. `target_module` is the
+    dotted path from a layer to the projection, when it is not the architecture's usual one."""
     spec = _architecture(model)
+    o_proj_path = target_module or spec.o_proj
     try:
         layers = model.get_submodule(spec.layers)
-        return [layer.get_submodule(spec.o_proj) for layer in layers]
+        return [layer.get_submodule(o_proj_path) for layer in layers]
     except AttributeError as error:
-        raise ValueError(
-            f"could not find {spec.layers}[i].{spec.o_proj} in {type(model).__name__} ({error}); "
-            f"fix the paths with lofit_fast.register_architecture({model.config.model_type!r}, "
-            f"layers=..., o_proj=...)") from None
+        hint = ("check target_module" if target_module else
+                f"fix the paths with lofit_fast.register_architecture({model.config.model_type!r}, "
+                f"layers=..., o_proj=...)")
+        raise ValueError(f"could not find {spec.layers}[i].{o_proj_path} in {type(model).__name__} ({error}); "
+                         f"{hint}") from None
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,9 @@ class AttentionShape:
     head_dim: int
 
 
-def attention_shape(model: nn.Module) -> AttentionShape:
+def attention_shape(model: nn.Module, target_module: Optional[str] = None) -> AttentionShape:
     """Layers, query heads and head size. `head_dim` is not always hidden_size // heads (Gemma, Qwen3)."""
-    o_projs = find_o_projs(model)
+    o_projs = find_o_projs(model, target_module)
     config = model.config
     num_heads = config.num_attention_heads
     in_features = o_projs[0].in_features
@@ -115,7 +118,8 @@ class LofitParameters(nn.Module):
     """Holds the LoFiT parameters inside the model, plus per-layer index buffers for the hooks.
 
     Row i of `scale` / `offset` belongs to `heads[i]`. For layer l, `slots_{l}` lists the rows of that
-    layer and `head_index_{l}` the heads they act on, in the same order.
+    layer and `head_index_{l}` the heads they act on, in the same order. `enabled` switches the
+    transform off without removing it.
     """
 
     def __init__(self, heads, head_dim, scale: bool, offset: bool, device):
@@ -123,6 +127,7 @@ class LofitParameters(nn.Module):
         shape = (len(heads), head_dim)
         self.scale = nn.Parameter(torch.zeros(shape, device=device)) if scale else None
         self.offset = nn.Parameter(torch.zeros(shape, device=device)) if offset else None
+        self.enabled = True
         self.layers = sorted({layer for layer, _ in heads})
         for layer in self.layers:
             slots = [i for i, (l, _) in enumerate(heads) if l == layer]
@@ -139,21 +144,72 @@ class LofitParameters(nn.Module):
         return head_index, scale, offset
 
 
+# The hooks are objects holding the LofitParameters module rather than closures over the handle: a
+# `copy.deepcopy` of a patched model copies its hooks along with `model.lofit`, so the copy's hooks read
+# the copy's parameters (closures would be shared, and the copy would silently use the original's).
+
+class TransformHook:
+    """Forward pre-hook on o_proj: replace its input z with z' (scales, and offsets in the same pass)."""
+
+    def __init__(self, lofit: LofitParameters, layer: int, backend: str):
+        self.lofit, self.layer, self.backend = lofit, layer, backend
+
+    def __call__(self, module, args):
+        if not self.lofit.enabled:
+            return None
+        z = args[0]
+        head_index, scale, offset = self.lofit.layer_tensors(self.layer, z.device)
+        return (head_affine(z, head_index, scale, offset, backend=self.backend), *args[1:])
+
+
+class OffsetFoldHook:
+    """Forward hook on a linear o_proj, offsets only: o_proj(z + v_hat) = o_proj(z) + (o_proj(v_hat) - o_proj(0)),
+    so the offsets enter as one vector added to o_proj's output and no per-token work touches z. Backward gets
+    dL/dv = W_sel^T sum_t dL/dy through the small shift computation, and dL/dz is unchanged."""
+
+    def __init__(self, lofit: LofitParameters, layer: int, head_dim: int):
+        self.lofit, self.layer, self.head_dim = lofit, layer, head_dim
+
+    def __call__(self, module, args, output):
+        if not self.lofit.enabled:
+            return None
+        z = args[0]
+        head_index, _, offset = self.lofit.layer_tensors(self.layer, z.device)
+        shift = folded_offset(module, head_index, offset, self.head_dim, z.dtype).to(output.dtype)
+        return add_to_output(output, shift)
+
+
+def add_to_output(output: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """output + shift, in place where autograd allows: o_proj's backward does not need its output, and a new
+    tensor would cost a pass. Autograd refuses (before changing anything) when the output is a view made inside
+    an autograd Function or without grad, as LLM.int8's reshaped result is: then out of place."""
+    try:
+        return output.add_(shift)
+    except RuntimeError:
+        return output + shift
+
+
+def folds_offsets(o_proj: nn.Module) -> bool:
+    """Whether offsets can be folded into o_proj's output: it must be an affine map of its input, which every
+    torch.nn.Linear is (bitsandbytes' layers subclass it). Other modules (a PEFT LoRA wrapper with dropout, ...)
+    get the offsets through the pre-hook on their input instead."""
+    return isinstance(o_proj, nn.Linear)
+
+
 class LofitHandle:
     """What `patch_model` returns: the LoFiT parameters and the means to switch them off or remove them."""
 
-    def __init__(self, model, heads, shape: AttentionShape, scale: bool, offset: bool, backend: str):
+    def __init__(self, model, heads, shape: AttentionShape, scale: bool, offset: bool, backend: str,
+                 target_module: Optional[str] = None):
         self.model = model
         self.heads = heads
         self.num_layers, self.num_heads, self.head_dim = shape.num_layers, shape.num_heads, shape.head_dim
         self.backend = backend
-        self.enabled = True
+        self.target_module = target_module
         # Training settings that produced these parameters; save_pretrained writes them to adapter_config.json.
         self.method_settings: dict = {}
-        self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        o_projs = find_o_projs(model)
+        self._requires_grad_before = freeze(model)
+        o_projs = find_o_projs(model, target_module)
         device = _first_parameter_device(o_projs[0])
         self.lofit = LofitParameters(heads, shape.head_dim, scale, offset, device)
         model.add_module(LOFIT_MODULE_NAME, self.lofit)
@@ -167,41 +223,18 @@ class LofitHandle:
     def offset(self) -> Optional[nn.Parameter]:
         return self.lofit.offset
 
+    @property
+    def enabled(self) -> bool:
+        return self.lofit.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.lofit.enabled = bool(value)
+
     def _attach(self, o_proj: nn.Module, layer: int):
-        if self.lofit.scale is None:
-            return o_proj.register_forward_hook(self._make_offset_fold_hook(layer))
-        return o_proj.register_forward_pre_hook(self._make_transform_hook(layer))
-
-    def _make_transform_hook(self, layer: int):
-        """Scales (and offsets, in the same pass): replace o_proj's input z with z'."""
-        def apply_lofit(module, args):
-            if not self.enabled:
-                return None
-            z = args[0]
-            head_index, scale, offset = self.lofit.layer_tensors(layer, z.device)
-            return (head_affine(z, head_index, scale, offset, backend=self.backend), *args[1:])
-
-        return apply_lofit
-
-    def _make_offset_fold_hook(self, layer: int):
-        """Offsets only: o_proj(z + v_hat) = o_proj(z) + (o_proj(v_hat) - o_proj(0)), so the offsets enter
-        as one vector added to o_proj's output and no per-token work touches z. Backward gets
-        dL/dv = W_sel^T sum_t dL/dy through the small shift computation, and dL/dz is unchanged."""
-        def add_folded_offset(module, args, output):
-            if not self.enabled:
-                return None
-            z = args[0]
-            head_index, _, offset = self.lofit.layer_tensors(layer, z.device)
-            shift = folded_offset(module, head_index, offset, self.head_dim, z.dtype).to(output.dtype)
-            try:
-                # In place: o_proj's backward does not need its output, and a new tensor would cost a pass.
-                return output.add_(shift)
-            except RuntimeError:
-                # Autograd refuses (before changing anything) when the output is a view made inside an
-                # autograd Function or without grad, as LLM.int8's reshaped result is: add out of place.
-                return output + shift
-
-        return add_folded_offset
+        if self.lofit.scale is None and folds_offsets(o_proj):
+            return o_proj.register_forward_hook(OffsetFoldHook(self.lofit, layer, self.head_dim))
+        return o_proj.register_forward_pre_hook(TransformHook(self.lofit, layer, self.backend))
 
     @contextlib.contextmanager
     def disabled(self):
@@ -230,11 +263,7 @@ class LofitHandle:
         Returns the model."""
         if self.lofit is None:
             raise RuntimeError("this LoFiT handle was already removed")
-        for hook in self._hooks:
-            hook.remove()
-        delattr(self.model, LOFIT_MODULE_NAME)
-        for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(self._requires_grad_before.get(name, parameter.requires_grad))
+        detach(self.model, self._hooks, LOFIT_MODULE_NAME, self._requires_grad_before)
         self._hooks, self.lofit = [], None
         return self.model
 
@@ -244,20 +273,42 @@ class LofitHandle:
                 f"backend={self.backend!r})")
 
 
+def freeze(model: nn.Module) -> dict[str, bool]:
+    """Stop every parameter of `model` from requiring grad; returns the flags they had, for `detach`."""
+    requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return requires_grad_before
+
+
+def detach(model: nn.Module, hooks, module_name: str, requires_grad_before: dict[str, bool]) -> None:
+    """Undo a patch: remove its hooks and its parameter module, give the remaining parameters their flags back."""
+    for hook in hooks:
+        hook.remove()
+    delattr(model, module_name)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad_before.get(name, parameter.requires_grad))
+
+
 def folded_offset(o_proj: nn.Module, head_index: torch.Tensor, offset: torch.Tensor, head_dim: int,
                   input_dtype: torch.dtype) -> torch.Tensor:
     """The change of o_proj's output caused by adding `offset` to the selected heads of its input:
     W[:, selected columns] @ v for a plain Linear (fp32); for any other layer (bitsandbytes, ...)
-    o_proj(v_hat) - o_proj(0) with one two-row call, exact for 4-bit (dequantize, then matmul). LLM.int8
-    quantizes each input row, so on an 8-bit o_proj this is the int8 image of v_hat, not of z + v_hat."""
+    o_proj(v_hat) - o_proj(0) with one call (a row per offset and a row of zeros), exact for 4-bit (dequantize,
+    then matmul). LLM.int8 quantizes each input row, so on an 8-bit o_proj this is the int8 image of v_hat, not
+    of z + v_hat. `offset` is (K, head_dim) -> (out_features,), or (..., K, head_dim) for several offsets
+    at once -> (..., out_features)."""
     columns = (head_index[:, None] * head_dim + torch.arange(head_dim, device=head_index.device)).flatten()
+    values = offset.flatten(-2)  # (..., K * head_dim)
     if type(o_proj) is nn.Linear:
-        return torch.nn.functional.linear(offset.reshape(-1).float(), o_proj.weight.index_select(1, columns).float())
-    probe = torch.zeros(2, o_proj.in_features, dtype=input_dtype, device=offset.device)
-    probe = probe.index_put((torch.zeros_like(columns), columns), offset.reshape(-1).to(input_dtype))
+        return torch.nn.functional.linear(values.float(), o_proj.weight.index_select(1, columns).float())
+    count = values.numel() // columns.numel()
+    probe = torch.zeros(count + 1, o_proj.in_features, dtype=input_dtype, device=offset.device)
+    rows = torch.arange(count, device=offset.device).repeat_interleave(columns.numel())
+    probe = probe.index_put((rows, columns.repeat(count)), values.reshape(-1).to(input_dtype))
     # .forward, not __call__: this runs inside o_proj's own forward hook, which must not fire again.
-    rows = o_proj.forward(probe)
-    return rows[0].float() - rows[1].float()
+    outputs = o_proj.forward(probe).float()
+    return (outputs[:-1] - outputs[-1]).reshape(*offset.shape[:-2], -1)
 
 
 def _first_parameter_device(module: nn.Module) -> torch.device:
@@ -266,18 +317,31 @@ def _first_parameter_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def base_transformer(model: nn.Module) -> nn.Module:
+    """The Hugging Face model that holds the decoder layers: `model` itself, or the model inside a PEFT
+    wrapper (PeftModel.get_base_model(), where PEFT has already put its LoRA layers in place)."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def patch_model(model: nn.Module, heads=None, scale: bool = True, offset: bool = True,
-                backend: str = "auto") -> LofitHandle:
+                backend: str = "auto", target_module: Optional[str] = None) -> LofitHandle:
     """Add LoFiT to `model` in place and return the handle.
 
     heads: None for every query head of every layer, or an iterable of (layer, head); `handle.heads`
         keeps that order, and row i of `handle.scale` / `handle.offset` belongs to `handle.heads[i]`.
     scale, offset: which of the two vectors to learn (fp32, zero-initialised: identity).
     backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
-    The base model's parameters are frozen; the LoFiT parameters are the only trainable ones.
+    target_module: the dotted path from a decoder layer to the module whose input LoFiT transforms, when
+        it is not the architecture's attention output projection (e.g. "self_attn.o_proj.base_layer").
+    The base model's parameters are frozen; the LoFiT parameters are the only trainable ones. A PEFT model
+    (e.g. with LoRA) is patched inside: LoFiT goes into `model.get_base_model()`, and the LoRA
+    parameters are frozen with the rest (set their requires_grad again to train both).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model takes a torch.nn.Module, not {type(model).__name__}")
+    model = base_transformer(model)
     if hasattr(model, LOFIT_MODULE_NAME):
         raise ValueError("this model is already patched with LoFiT; call handle.remove() (or "
                          "handle.merge_and_unload()) first, then patch again")
@@ -285,9 +349,12 @@ def patch_model(model: nn.Module, heads=None, scale: bool = True, offset: bool =
         raise ValueError("scale and offset are both off; LoFiT needs at least one of them")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    shape = attention_shape(model)
+    if target_module is not None and (not isinstance(target_module, str) or not target_module):
+        raise ValueError(f"target_module must be a dotted module path such as 'self_attn.o_proj', "
+                         f"not {target_module!r}")
+    shape = attention_shape(model, target_module)
     validated = _validate_heads(heads, shape)
     if backend == "triton":
-        o_proj = find_o_projs(model)[0]
+        o_proj = find_o_projs(model, target_module)[0]
         resolve_backend("triton", _first_parameter_device(o_proj), torch.float32)
-    return LofitHandle(model, validated, shape, scale, offset, backend)
+    return LofitHandle(model, validated, shape, scale, offset, backend, target_module)

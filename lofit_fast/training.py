@@ -1,6 +1,7 @@
 """The two LoFiT steps, trained with `transformers.Trainer`.
 
-Step 1, `select_heads`: learn a scale on every head with an L1 penalty, rank heads by ||A_lh||_2.
+Step 1, `select_heads`: learn a scale on every head with an L1 penalty, rank heads by ||A_lh||_2
+(or, as the paper's baselines, a random order or linear probes' accuracy: `probing.probe_ranking`).
 Step 2, `tune`: from the frozen base, learn offsets on the top-K heads of a ranking.
 
 Both losses come in two flavours: "sft" (the model's own loss on labels, prompt tokens masked to
@@ -28,7 +29,7 @@ from .patch import LofitHandle, attention_shape, patch_model
 from .quantization import prepare_kbit_training
 
 LOSSES = ("sft", "dpo")
-LOCALIZERS = ("lofit", "random")
+LOCALIZERS = ("lofit", "random", "probe")
 
 
 @dataclass
@@ -265,7 +266,9 @@ def select_heads(model: nn.Module, train_dataset, data_collator, *, loss: str = 
     """Step 1: rank every attention head of `model` for the task; saves `output_dir/ranking.json`.
 
     localizer "lofit" trains a scale on every head (init Normal(0, init_std)) with loss
-    task + l1_lambda * sum|A| and scores each head by ||A_lh||_2; "random" is the seeded baseline.
+    task + l1_lambda * sum|A| and scores each head by ||A_lh||_2; "random" is the seeded baseline;
+    "probe" scores each head by a linear probe's validation accuracy (`probing.probe_ranking`, with
+    settings.per_device_train_batch_size as its batch size and settings.seed; nothing is trained in the model).
     The model is left as it was (LoFiT removed, flags restored).
     """
     if localizer not in LOCALIZERS:
@@ -273,6 +276,11 @@ def select_heads(model: nn.Module, train_dataset, data_collator, *, loss: str = 
     settings = settings or paper_settings(None)["select"]
     if localizer == "random":
         ranking = random_ranking(model, settings.seed)
+    elif localizer == "probe":
+        from .probing import probe_ranking  # imported here: probing imports HeadRanking from this module
+
+        ranking = probe_ranking(model, train_dataset, data_collator,
+                                batch_size=settings.per_device_train_batch_size, seed=settings.seed)
     else:
         handle = patch_model(model, heads=None, scale=True, offset=False, backend=backend)
         try:

@@ -70,7 +70,7 @@ def test_save_writes_peft_layout(tmp_path):
     assert config == {
         "lofit_fast_version": lofit_fast.__version__, "architecture": "llama", "base_model_name_or_path": None,
         "num_layers": 3, "num_heads": 6, "head_dim": 12, "heads": [list(h) for h in HEADS],
-        "scale": False, "offset": True, "method": handle.method_settings,
+        "scale": False, "offset": True, "method": handle.method_settings, "target_module": None,
     }
     tensors = safetensors.torch.load_file(directory / WEIGHTS_NAME)
     assert list(tensors) == ["offset"]
