@@ -215,7 +215,7 @@ class LofitModel(nn.Module):
             config = LofitConfig.from_dict({**saved, "heads": None, "k": None, "ranking": None})
         else:  # an adapter written by patch_model + save_pretrained, or by the CLI
             config = LofitConfig(scale=handle.scale is not None, offset=handle.offset is not None,
-                                 target_module=handle.target_module, backend=backend)
+                                 target_module=handle.target_module)
         config.heads = list(handle.heads)
         config.backend = backend
         return cls(handle, config)

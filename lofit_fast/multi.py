@@ -118,6 +118,10 @@ class AdapterBank(nn.ModuleDict):
                 f"forward again: call backward inside the route too")
         return not self.routed_adapters.isdisjoint(self.layer_adapters[layer])
 
+    def layer_routing(self, layer: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapter number of each row of `z`, the heads of `layer`), both on z's device."""
+        return self.index_for(z.shape[0], z.device), getattr(self, f"head_index_{layer}").to(z.device)
+
     def index_for(self, batch: int, device: torch.device) -> torch.Tensor:
         """The adapter number of each of `batch` rows, on `device`: the routed index, repeated row by row
         (repeat_interleave) when generate has expanded every input row into batch / routed copies."""
@@ -146,8 +150,7 @@ class RoutedTransformHook:
         if not self.bank.routes_layer(self.layer):
             return None
         z = args[0]
-        index = self.bank.index_for(z.shape[0], z.device)
-        head_index = getattr(self.bank, f"head_index_{self.layer}").to(z.device)
+        index, head_index = self.bank.layer_routing(self.layer, z)
         scale = self.bank.layer_parameters(self.layer, "scale", z.device)
         offset = self.bank.layer_parameters(self.layer, "offset", z.device)
         return (head_affine(z, head_index, scale, offset, backend=self.backend, adapter_index=index), *args[1:])
@@ -164,8 +167,7 @@ class RoutedOffsetFoldHook:
         if not self.bank.routes_layer(self.layer):
             return None
         z = args[0]
-        index = self.bank.index_for(z.shape[0], z.device)
-        head_index = getattr(self.bank, f"head_index_{self.layer}").to(z.device)
+        index, head_index = self.bank.layer_routing(self.layer, z)
         offset = self.bank.layer_parameters(self.layer, "offset", z.device)
         shifts = folded_offset(module, head_index, offset, self.bank.head_dim, z.dtype)
         shifts = torch.cat([shifts.new_zeros(1, shifts.shape[-1]), shifts])  # row 0: the base model (-1)

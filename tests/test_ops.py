@@ -88,24 +88,33 @@ def assert_matches(actual, expected, dtype, what):
         torch.testing.assert_close(actual.double(), expected, **FP32_TOL, msg=lambda m: f"{what}: {m}")
 
 
-def run_and_compare(z, head_index, scale, offset, backend, grad_out=None, seed=1):
+def as_fp64(tensor):
+    """An fp64 copy of `tensor` (None stays None) that requires grad when the original does."""
+    return None if tensor is None else tensor.detach().double().requires_grad_(tensor.requires_grad)
+
+
+def run_and_compare(z, head_index, scale, offset, backend, grad_out=None, seed=1, adapter_index=None):
     """Run head_affine on `backend` and the fp64 reference on the same values; compare the output and
-    the gradients of every input that requires grad. Returns (out, grads) of the op."""
+    the gradients of every input that requires grad. Returns (out, grads) of the op.
+
+    With `adapter_index` (one adapter per batch row, -1 for none) the routed op runs against the row-by-row
+    reference, and also: rows with -1 pass through bit for bit, adapters no row uses get zero gradients."""
     device = z.device
     index = torch.tensor(head_index, device=device)
-    out = head_affine(z, index, scale, offset, backend=backend)
+    adapters = None if adapter_index is None else torch.as_tensor(adapter_index, device=device)
+    out = head_affine(z, index, scale, offset, backend=backend, adapter_index=adapters)
 
-    z64 = z.detach().double().requires_grad_(z.requires_grad)
-    scale64 = scale.detach().double().requires_grad_(scale.requires_grad) if scale is not None else None
-    offset64 = offset.detach().double().requires_grad_(offset.requires_grad) if offset is not None else None
-    expected = head_affine_reference(z64, index, scale64, offset64)
+    z64, scale64, offset64 = as_fp64(z), as_fp64(scale), as_fp64(offset)
+    expected = head_affine_reference(z64, index, scale64, offset64, adapter_index=adapters)
 
     assert out.shape == z.shape
     assert_matches(out, expected, z.dtype, "output")
-    # Unselected heads are copied bit for bit.
+    # Unselected heads (and rows without an adapter) are copied bit for bit.
     head_dim = (scale if scale is not None else offset).shape[-1]
     keep = ~selected_columns(head_index, head_dim, z.shape[-1] // head_dim).to(device)
     assert torch.equal(out[..., keep], z.detach()[..., keep]), "unselected heads changed"
+    if adapters is not None:
+        assert torch.equal(out[adapters == -1], z.detach()[adapters == -1]), "a row with adapter -1 changed"
 
     inputs = [t for t in (z, scale, offset) if t is not None and t.requires_grad]
     inputs64 = [t for t in (z64, scale64, offset64) if t is not None and t.requires_grad]
@@ -115,14 +124,22 @@ def run_and_compare(z, head_index, scale, offset, backend, grad_out=None, seed=1
         grad_out = random_tensor(z.shape, z.dtype, device, seed)
     grads = torch.autograd.grad(out, inputs, grad_out)
     expected_grads = torch.autograd.grad(expected, inputs64, grad_out.double())
-    for name, grad, expected_grad, tensor in zip(("first", "second", "third"), grads, expected_grads, inputs):
+    unused = []
+    if adapters is not None:
+        num_adapters = (scale if scale is not None else offset).shape[0]
+        unused = [adapter for adapter in range(num_adapters) if adapter not in adapters.tolist()]
+    for grad, expected_grad, tensor in zip(grads, expected_grads, inputs):
         if tensor is z:
             assert_matches(grad, expected_grad, z.dtype, "grad of z")
             assert torch.equal(grad[..., keep], grad_out[..., keep]), "grad of unselected heads is not g"
+            if adapters is not None:
+                assert torch.equal(grad[adapters == -1], grad_out[adapters == -1]), "grad of a row with -1 is not g"
         else:
-            assert grad.dtype == tensor.dtype
+            assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
             torch.testing.assert_close(grad.double(), expected_grad, **PARAM_GRAD_TOL,
                                        msg=lambda m: f"grad of a parameter: {m}")
+            for adapter in unused:
+                assert torch.equal(grad[adapter], torch.zeros_like(grad[adapter])), f"adapter {adapter} unused"
     return out, grads
 
 

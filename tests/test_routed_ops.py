@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lofit_fast.ops import head_affine, head_affine_reference
-from test_ops import MODES, PARAM_GRAD_TOL, assert_matches, random_tensor, saved_for_backward, selected_columns
+from test_ops import (MODES, PARAM_GRAD_TOL, as_fp64, assert_matches, random_tensor, run_and_compare,
+                      saved_for_backward, selected_columns)
 from test_ops import nan_filled_allocations  # noqa: F401  (a fixture: pytest finds it in this module)
 
 BACKENDS = ["torch", "triton"]
@@ -45,50 +46,10 @@ def make_adapter_params(num_adapters, num_selected, head_dim, mode, device, seed
     return (param() if has_scale else None), (param() if has_offset else None)
 
 
-def as_fp64(tensor):
-    return None if tensor is None else tensor.detach().double().requires_grad_(tensor.requires_grad)
-
-
 def run_routed_and_compare(z, head_index, adapter_index, scale, offset, backend, grad_out=None, seed=1):
-    """Run the routed op on `backend` and the fp64 row-by-row reference on the same values; compare the
-    output and the gradients of every input that requires grad. Returns (out, grads) of the op."""
-    device = z.device
-    index = torch.tensor(head_index, device=device)
-    adapters = torch.as_tensor(adapter_index, device=device)
-    out = head_affine(z, index, scale, offset, backend=backend, adapter_index=adapters)
-
-    z64, scale64, offset64 = as_fp64(z), as_fp64(scale), as_fp64(offset)
-    expected = head_affine_reference(z64, index, scale64, offset64, adapter_index=adapters)
-    assert out.shape == z.shape
-    assert_matches(out, expected, z.dtype, "output")
-    # Rows without an adapter and heads that are not selected are copied bit for bit.
-    head_dim = (scale if scale is not None else offset).shape[-1]
-    keep = ~selected_columns(head_index, head_dim, z.shape[-1] // head_dim).to(device)
-    assert torch.equal(out[..., keep], z.detach()[..., keep]), "unselected heads changed"
-    assert torch.equal(out[adapters == -1], z.detach()[adapters == -1]), "a row with adapter -1 changed"
-
-    inputs = [t for t in (z, scale, offset) if t is not None and t.requires_grad]
-    inputs64 = [t for t in (z64, scale64, offset64) if t is not None and t.requires_grad]
-    if not inputs:
-        return out, ()
-    if grad_out is None:
-        grad_out = random_tensor(z.shape, z.dtype, device, seed)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    expected_grads = torch.autograd.grad(expected, inputs64, grad_out.double())
-    num_adapters = (scale if scale is not None else offset).shape[0]
-    unused = [adapter for adapter in range(num_adapters) if adapter not in adapters.tolist()]
-    for grad, expected_grad, tensor in zip(grads, expected_grads, inputs):
-        if tensor is z:
-            assert_matches(grad, expected_grad, z.dtype, "grad of z")
-            assert torch.equal(grad[..., keep], grad_out[..., keep]), "grad of unselected heads is not g"
-            assert torch.equal(grad[adapters == -1], grad_out[adapters == -1]), "grad of a row with -1 is not g"
-        else:
-            assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
-            torch.testing.assert_close(grad.double(), expected_grad, **PARAM_GRAD_TOL,
-                                       msg=lambda m: f"grad of a parameter: {m}")
-            for adapter in unused:
-                assert torch.equal(grad[adapter], torch.zeros_like(grad[adapter])), f"adapter {adapter} unused"
-    return out, grads
+    """`run_and_compare` with one adapter per batch row (see there)."""
+    return run_and_compare(z, head_index, scale, offset, backend, grad_out=grad_out, seed=seed,
+                           adapter_index=adapter_index)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ def load(directory):
     return AutoModelForCausalLM.from_pretrained(directory)
 
 
+def sft_dataset():
+    """Prompt-completion rows, TRL's SFT format."""
+    return datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in zip(PROMPTS, GOOD)])
+
+
 def snapshot(model):
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
@@ -52,7 +57,7 @@ def test_sft_trainer_trains_a_patched_model(saved_base, tmp_path):
         handle.scale.normal_(0, 1e-3)
         handle.offset.normal_(0, 1e-3)
     before = snapshot(model)
-    dataset = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in zip(PROMPTS, GOOD)])
+    dataset = sft_dataset()
     config = trl.SFTConfig(output_dir=str(tmp_path), **COMMON)
     assert config.gradient_checkpointing
     with warnings.catch_warnings():
@@ -68,7 +73,7 @@ def test_sft_trainer_trains_a_lofit_model(saved_base, tmp_path):
     directory, tokenizer = saved_base
     model = get_lofit_model(load(directory), LofitConfig(heads=HEADS, scale=False, offset=True))
     before = model.handle.offset.detach().clone()
-    dataset = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in zip(PROMPTS, GOOD)])
+    dataset = sft_dataset()
     config = trl.SFTConfig(output_dir=str(tmp_path / "out"), gradient_checkpointing=False, **COMMON)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -110,7 +115,7 @@ def test_prepared_checkpointing_keeps_backward_above_the_lowest_tuned_layer(save
     """The README's recipe: TRL's own checkpointing makes backward run through every layer (it turns on
     enable_input_require_grads); prepare_kbit_training's does not."""
     directory, tokenizer = saved_base
-    dataset = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in zip(PROMPTS, GOOD)])
+    dataset = sft_dataset()
     reached = {}
     for recipe in ("trl", "lofit_fast"):
         model = load(directory)
