@@ -31,8 +31,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .bnb import bitsandbytes_module, is_repacked, quantization_of
 from .io import atomic_path
-from .patch import AttentionShape, LofitHandle, attention_shape, base_transformer, find_o_projs, patch_model
+from .patch import AttentionShape, LofitHandle, attach, attention_shape, base_transformer, find_o_projs
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -257,20 +258,19 @@ def load_adapter(model: nn.Module, directory, backend: str = "auto", trainable: 
     The files are checked before the model is touched: the adapter must have been saved for the same
     architecture, number of layers, query heads and head_dim (ValueError naming the difference).
     The LoFiT parameters come back trainable (as `patch_model` makes them) so training can resume,
-    with the base model frozen; pass `trainable=False` to load them frozen. `handle.method_settings`
-    holds the training settings saved with the adapter.
+    with the base model frozen; pass `trainable=False` to load them frozen, for inference (on a bitsandbytes
+    4-bit base, bitsandbytes may then use its CPU inference kernel: see `lofit_fast.bnb`).
+    `handle.method_settings` holds the training settings saved with the adapter.
     """
     config = read_config(directory)
     tensors = read_tensors(directory, config)
     check_compatible(config, model, directory)
-    handle = patch_model(model, [tuple(item) for item in config.heads], scale=config.scale,
-                         offset=config.offset, backend=backend, target_module=config.target_module)
+    handle = attach(model, [tuple(item) for item in config.heads], scale=config.scale, offset=config.offset,
+                    backend=backend, target_module=config.target_module, trainable=trainable)
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameter = getattr(handle, name)
             parameter.copy_(tensor.to(parameter.device, parameter.dtype))
-    for parameter in handle.lofit.parameters():
-        parameter.requires_grad_(trainable)
     handle.method_settings = dict(config.method)
     return handle
 
@@ -279,32 +279,14 @@ def load_adapter(model: nn.Module, directory, backend: str = "auto", trainable: 
 # Merging
 # ----------------------------------------------------------------------------------------------
 
-def _bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError:
-        return None
-    return bitsandbytes
-
-
-def _quantization(o_proj: nn.Module) -> Optional[str]:
-    """'4bit' or '8bit' for a bitsandbytes o_proj whose weight is quantized, None for a float weight."""
-    bnb = _bitsandbytes()
-    if bnb is not None and isinstance(o_proj, bnb.nn.Linear4bit):
-        return "4bit"
-    if bnb is not None and isinstance(o_proj, bnb.nn.Linear8bitLt) and not o_proj.state.has_fp16_weights:
-        return "8bit"
-    return None
-
-
 def _dequantized_columns(o_proj: nn.Module, quantization: Optional[str], columns: torch.Tensor) -> torch.Tensor:
     """W[:, columns] in fp32. For bitsandbytes layers: the weight the layer multiplies by, dequantized."""
     if quantization is None:
         return o_proj.weight.index_select(1, columns).float()
-    bnb = _bitsandbytes()
+    bnb = bitsandbytes_module()
     if quantization == "4bit":
         quant_state = o_proj.weight.quant_state
-        if getattr(quant_state, "packing_format_for_cpu", False):
+        if is_repacked(o_proj):
             # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel after the first inference
             # call; there is no public dequantization of that layout, so read W[:, columns] through the
             # layer itself: o_proj(e_j) - o_proj(0) is column j (exact: dequantize, then matmul). `.forward`
@@ -347,7 +329,7 @@ def _plan(handle: LofitHandle) -> list[_LayerFold]:
     with torch.no_grad():
         for layer in handle.lofit.layers:
             o_proj = o_projs[layer]
-            quantization = _quantization(o_proj)
+            quantization = quantization_of(o_proj)
             if not isinstance(o_proj, nn.Linear) or (quantization is None and not o_proj.weight.is_floating_point()):
                 raise ValueError(f"layer {layer}: cannot merge into an o_proj of type {type(o_proj).__name__}; "
                                  f"merging supports torch.nn.Linear and bitsandbytes Linear4bit / Linear8bitLt. "

@@ -186,7 +186,7 @@ def cmd_eval(args):
     examples = evaluation_examples(args.task, args.data)
     model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
     if args.adapter:
-        load_adapter(model, args.adapter, backend=args.backend)
+        load_adapter(model, args.adapter, backend=args.backend, trainable=False)
     model.eval()
     result = evaluate_examples(model, tokenizer, args.task, examples, args.max_new_tokens, args.batch_size)
     print(json.dumps(result, indent=1))
@@ -222,7 +222,7 @@ def cmd_merge(args):
         print("lofit: note: merging into a quantized base folds offsets into o_proj's bias; "
               "scales cannot be folded into quantized weights", file=sys.stderr)
     model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
-    handle = load_adapter(model, args.adapter, backend=args.backend)
+    handle = load_adapter(model, args.adapter, backend=args.backend, trainable=False)
     merged = handle.merge_and_unload()
     merged.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .bnb import drop_optional_kernel_notice
+
+    drop_optional_kernel_notice()  # it would land in the middle of the commands' output
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":

@@ -36,7 +36,7 @@ from .adapter import (AdapterConfig, _library_version, adapter_tensors, check_co
                       write_adapter)
 from .ops import BACKENDS, head_affine, resolve_backend
 from .patch import (LOFIT_MODULE_NAME, LofitParameters, _first_parameter_device, add_to_output, base_transformer,
-                    detach, find_o_projs, folded_offset, folds_offsets, freeze)
+                    detach, find_o_projs, folded_offset, folds_offsets, freeze, hold_4bit_repacking)
 
 BASE = "__base__"  # the adapter name of a row that runs the plain base model (index -1)
 ADAPTERS_MODULE_NAME = "lofit_adapters"
@@ -191,12 +191,15 @@ class MultiAdapterHandle:
         adapters = {name: _adapter_parameters(config, heads[name], tensors[name], device)
                     for name, config in configs.items()}
         bank = AdapterBank(adapters, heads, head_dim, device)
+        bank.requires_grad_(trainable)
+        # First, as it may refuse the model: nothing is changed before it.
+        self._repacking_hold, check = hold_4bit_repacking(model, bank.layers[0], bank, trainable)
         self._requires_grad_before = freeze(model)
-        for parameter in bank.parameters():
-            parameter.requires_grad_(trainable)
         model.add_module(ADAPTERS_MODULE_NAME, bank)
         self.bank = bank
         self._hooks = [self._attach(o_projs[layer], layer) for layer in bank.layers]
+        if check is not None:
+            self._hooks.append(o_projs[bank.layers[0]].register_forward_pre_hook(check, prepend=True))
 
     def _attach(self, o_proj: nn.Module, layer: int):
         if not self.bank.layer_has_scale[layer] and folds_offsets(o_proj):
@@ -298,6 +301,7 @@ class MultiAdapterHandle:
         Returns the model."""
         self._live_bank()
         detach(self.model, self._hooks, ADAPTERS_MODULE_NAME, self._requires_grad_before)
+        self._repacking_hold.release()
         self._hooks, self.bank = [], None
         return self.model
 

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from .bnb import REPACKED_REMEDY, Repacking4bitHold, RepackingCheckHook
 from .ops import BACKENDS, head_affine, resolve_backend
 
 LOFIT_MODULE_NAME = "lofit"
@@ -52,13 +53,23 @@ def _architecture(model: nn.Module) -> ArchitectureSpec:
         f"layers='model.layers', o_proj='self_attn.o_proj') using the dotted paths of your model.")
 
 
+def decoder_layers(model: nn.Module) -> nn.Module:
+    """The model's list of decoder layers (an nn.ModuleList), lowest first."""
+    spec = _architecture(model)
+    try:
+        return model.get_submodule(spec.layers)
+    except AttributeError as error:
+        raise ValueError(f"could not find {spec.layers} in {type(model).__name__} ({error}); fix the path with "
+                         f"lofit_fast.register_architecture({model.config.model_type!r}, layers=..., o_proj=...)") from None
+
+
 def find_o_projs(model: nn.Module, target_module: Optional[str] = None) -> list[nn.Module]:
     """The attention output projection of every decoder layer, lowest layer first. `target_module` is the
     dotted path from a layer to the projection, when it is not the architecture's usual one."""
     spec = _architecture(model)
     o_proj_path = target_module or spec.o_proj
+    layers = decoder_layers(model)
     try:
-        layers = model.get_submodule(spec.layers)
         return [layer.get_submodule(o_proj_path) for layer in layers]
     except AttributeError as error:
         hint = ("check target_module" if target_module else
@@ -196,11 +207,32 @@ def folds_offsets(o_proj: nn.Module) -> bool:
     return isinstance(o_proj, nn.Linear)
 
 
+def hold_4bit_repacking(model: nn.Module, lowest_layer: int, parameters: nn.Module, trainable: bool):
+    """Keep the model's bitsandbytes 4-bit layers off bitsandbytes' repacking path while `parameters` can train
+    (see `lofit_fast.bnb`). Returns (the hold, its check hook for `lowest_layer`'s o_proj, or None when the
+    model has no 4-bit layer). ValueError, before anything changes, when `trainable` and a layer that backward
+    passes through (from `lowest_layer`'s o_proj up) is repacked already."""
+    layers = decoder_layers(model)
+    # Backward needs neither the layers below the lowest one nor, in that layer, the attention's projections
+    # that run before o_proj (q, k, v): their inputs need no grad, and bitsandbytes' kernel may have them.
+    attention_path, _, o_proj_name = _architecture(model).o_proj.rpartition(".")
+    before_o_proj = ()
+    if attention_path:
+        attention = layers[lowest_layer].get_submodule(attention_path)
+        before_o_proj = tuple(child for name, child in attention.named_children() if name != o_proj_name)
+    hold = Repacking4bitHold(model, off_path=(*layers[:lowest_layer], *before_o_proj))
+    if not hold:
+        return hold, None
+    if trainable:
+        hold.hold(REPACKED_REMEDY)
+    return hold, RepackingCheckHook(hold, parameters)
+
+
 class LofitHandle:
     """What `patch_model` returns: the LoFiT parameters and the means to switch them off or remove them."""
 
     def __init__(self, model, heads, shape: AttentionShape, scale: bool, offset: bool, backend: str,
-                 target_module: Optional[str] = None):
+                 target_module: Optional[str] = None, trainable: bool = True):
         self.model = model
         self.heads = heads
         self.num_layers, self.num_heads, self.head_dim = shape.num_layers, shape.num_heads, shape.head_dim
@@ -208,12 +240,18 @@ class LofitHandle:
         self.target_module = target_module
         # Training settings that produced these parameters; save_pretrained writes them to adapter_config.json.
         self.method_settings: dict = {}
-        self._requires_grad_before = freeze(model)
         o_projs = find_o_projs(model, target_module)
         device = _first_parameter_device(o_projs[0])
-        self.lofit = LofitParameters(heads, shape.head_dim, scale, offset, device)
+        lofit = LofitParameters(heads, shape.head_dim, scale, offset, device)
+        lofit.requires_grad_(trainable)
+        # First, as it may refuse the model: nothing is changed before it.
+        self._repacking_hold, check = hold_4bit_repacking(model, lofit.layers[0], lofit, trainable)
+        self._requires_grad_before = freeze(model)
+        self.lofit = lofit
         model.add_module(LOFIT_MODULE_NAME, self.lofit)
         self._hooks = [self._attach(o_projs[layer], layer) for layer in self.lofit.layers]
+        if check is not None:
+            self._hooks.append(o_projs[lofit.layers[0]].register_forward_pre_hook(check, prepend=True))
 
     @property
     def scale(self) -> Optional[nn.Parameter]:
@@ -264,6 +302,7 @@ class LofitHandle:
         if self.lofit is None:
             raise RuntimeError("this LoFiT handle was already removed")
         detach(self.model, self._hooks, LOFIT_MODULE_NAME, self._requires_grad_before)
+        self._repacking_hold.release()
         self._hooks, self.lofit = [], None
         return self.model
 
@@ -338,7 +377,18 @@ def patch_model(model: nn.Module, heads=None, scale: bool = True, offset: bool =
     The base model's parameters are frozen; the LoFiT parameters are the only trainable ones. A PEFT model
     (e.g. with LoRA) is patched inside: LoFiT goes into `model.get_base_model()`, and the LoRA
     parameters are frozen with the rest (set their requires_grad again to train both).
+    On a bitsandbytes 4-bit model, the 4-bit layers are kept from repacking for bitsandbytes' CPU inference
+    kernel, which has no backward (see `lofit_fast.bnb`), until the handle is removed; ValueError if it has
+    repacked those that backward passes through already.
     """
+    return attach(model, heads, scale=scale, offset=offset, backend=backend, target_module=target_module,
+                  trainable=True)
+
+
+def attach(model: nn.Module, heads, scale: bool, offset: bool, backend: str, target_module: Optional[str],
+           trainable: bool) -> LofitHandle:
+    """`patch_model`, with the LoFiT parameters trainable or not (`load_adapter` loads frozen adapters for
+    inference, which may then run on bitsandbytes' 4-bit CPU inference kernel)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model takes a torch.nn.Module, not {type(model).__name__}")
     model = base_transformer(model)
@@ -357,4 +407,4 @@ def patch_model(model: nn.Module, heads=None, scale: bool = True, offset: bool =
     if backend == "triton":
         o_proj = find_o_projs(model, target_module)[0]
         resolve_backend("triton", _first_parameter_device(o_proj), torch.float32)
-    return LofitHandle(model, validated, shape, scale, offset, backend, target_module)
+    return LofitHandle(model, validated, shape, scale, offset, backend, target_module, trainable=trainable)

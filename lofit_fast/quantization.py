@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .bnb import bitsandbytes_module, is_repacked, linear4bit_layers, quantized_linears, repacking_error
 from .patch import LOFIT_MODULE_NAME
 
 
@@ -70,24 +71,6 @@ class QuantizationInfo:
         return 8 if self.method == "int8" else 4
 
 
-def _bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError:
-        return None
-    return bitsandbytes
-
-
-def quantized_linears(model: nn.Module) -> list[nn.Module]:
-    """The bitsandbytes Linear4bit and (int8-weight) Linear8bitLt layers of `model`."""
-    bnb = _bitsandbytes()
-    if bnb is None:
-        return []
-    return [module for module in model.modules()
-            if isinstance(module, bnb.nn.Linear4bit)
-            or (isinstance(module, bnb.nn.Linear8bitLt) and not module.state.has_fp16_weights)]
-
-
 def quantization_info(model: nn.Module) -> Optional[QuantizationInfo]:
     """How `model` is quantized by bitsandbytes, or None when it has no quantized linear layer.
     ValueError if it mixes methods (LoFiT itself would not mind; the report would be wrong)."""
@@ -103,7 +86,7 @@ def quantization_info(model: nn.Module) -> Optional[QuantizationInfo]:
 
 
 def _layer_kind(layer: nn.Module) -> tuple:
-    bnb = _bitsandbytes()
+    bnb = bitsandbytes_module()
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return "int8", False, None
     quant_state = layer.weight.quant_state
@@ -143,19 +126,14 @@ def keep_4bit_layers_differentiable(model: nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel, which has no backward
     (autograd would only warn, and gradients through those layers would be wrong). ValueError if a layer
     is repacked already: bitsandbytes' own unpacking does not give the original weight back."""
-    bnb = _bitsandbytes()
-    if bnb is None:
-        return
-    for name, module in model.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
-            raise ValueError(
-                f"{name or type(module).__name__}: bitsandbytes has repacked this 4-bit weight for its CPU "
-                f"inference kernel (it does so on the first eval-mode call without grad on CPUs with "
-                f"AVX512-BF16), and that kernel has no backward. Load the model again and call "
-                f"lofit_fast.prepare_kbit_training(model) before running it in eval mode")
-        module.support_avx512bf16_for_cpu = False
+    layers = linear4bit_layers(model)
+    repacked = [name or type(layer).__name__ for name, layer in layers if is_repacked(layer)]
+    if repacked:
+        raise ValueError(repacking_error(repacked, "Load the model again and call "
+                                                   "lofit_fast.prepare_kbit_training(model) before running it in "
+                                                   "eval mode"))
+    for _, layer in layers:
+        layer.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model: nn.Module, kwargs: Optional[dict] = None) -> None:

@@ -16,8 +16,11 @@ if not torch.cuda.is_available():
     # (measured: the core tests took 5m54 with 2 threads under load, 39 s with one).
     torch.set_num_threads(1)
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
+from bnb_cpu import CPU_KINDS, cpu_kind, has_real_repacking_kernel  # noqa: E402
 from helpers import tiny_model  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,3 +39,36 @@ def make_tiny_model(device):
         return tiny_model(model_type, **overrides).to(device)
 
     return make
+
+
+# LOFIT_TEST_CPU_KIND=avx512bf16 (or plain) runs the whole suite as on a CPU of that kind, as far as
+# bitsandbytes' 4-bit layers can tell (see bnb_cpu.py): a machine of either kind checks the other's path.
+_session_cpu_kind = contextlib.ExitStack()
+
+
+def pytest_configure(config):
+    kind = os.environ.get("LOFIT_TEST_CPU_KIND")
+    if kind:
+        if kind not in CPU_KINDS:
+            raise pytest.UsageError(f"LOFIT_TEST_CPU_KIND must be one of {CPU_KINDS}, not {kind!r}")
+        _session_cpu_kind.enter_context(cpu_kind(kind))
+
+
+def pytest_unconfigure(config):
+    _session_cpu_kind.close()
+
+
+def pytest_report_header(config):
+    """The versions and the CPU kind a run used, so that a failure after a new release names the release."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for package in ("torch", "transformers", "bitsandbytes", "triton", "peft", "trl", "accelerate"):
+        try:
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    native = "avx512bf16" if has_real_repacking_kernel() else "plain"
+    kind = os.environ.get("LOFIT_TEST_CPU_KIND") or native
+    return [", ".join(versions),
+            f"device: {DEVICE}; bitsandbytes 4-bit CPU kind: {kind}" + ("" if kind == native else f" (emulated; this CPU is {native})")]

@@ -17,6 +17,10 @@ TINY_CONFIG = dict(
     num_attention_heads=6, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
+# For 4-bit models that run in eval mode: shapes bitsandbytes' 4-bit CPU inference kernel accepts (repacking
+# for it needs out_features divisible by 32 and in_features by the quantization block, 64). Heads * head_dim
+# = 6 * 64 = 384 stays wider than hidden 192 (a multiple of the head count, as Llama's config requires).
+QUANTIZABLE_CONFIG = dict(hidden_size=192, intermediate_size=128, head_dim=64)
 # Mixture-of-experts models need a few more settings to stay tiny.
 _MOE_CONFIG = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                    shared_expert_intermediate_size=32)

@@ -6,13 +6,14 @@ its results are checked against the library called directly.
 """
 
 import json
+import logging
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lofit_fast
-from helpers import save_tiny_model_and_tokenizer
+from helpers import QUANTIZABLE_CONFIG, save_tiny_model_and_tokenizer
 from lofit_fast.cli import main
 from lofit_fast.evaluation import generate_answers, is_correct, truthfulqa_mc_scores
 from lofit_fast.data import load_truthfulqa_mc
@@ -30,6 +31,7 @@ def workspace(tmp_path_factory):
     large offsets written by the library (not by the CLI)."""
     root = tmp_path_factory.mktemp("cli")
     save_tiny_model_and_tokenizer(root / "model")
+    save_tiny_model_and_tokenizer(root / "quantizable_model", **QUANTIZABLE_CONFIG)
     people = [("Anna", "Bob", "son"), ("Cleo", "Roy", "nephew"), ("Mary", "Kelly", "daughter"), ("Guy", "Ann", "aunt")]
     write_json_list(root / "clutrr.json", [clutrr_row(*names) for names in people * 2])
     write_json_lines(root / "mquake.jsonl", [mquake_row()] * 4)
@@ -159,7 +161,7 @@ def test_tune_and_eval_on_a_4bit_base(workspace, capsys):
     """bitsandbytes NF4 runs on the CPU: the offsets train over the quantized base, and eval loads them back."""
     pytest.importorskip("bitsandbytes")
     out = workspace / "tuned_4bit"
-    status, stdout, _ = run(["tune", "--model", workspace / "model", "--task", "mquake", "--data",
+    status, stdout, _ = run(["tune", "--model", workspace / "quantizable_model", "--task", "mquake", "--data",
                              workspace / "mquake.jsonl", "--heads", "0:1,2:3", "--output-dir", out, "--load-in-4bit",
                              "--lr", "5e-2", *TRAIN], capsys)
     assert status == 0 and "(2 heads)" in stdout
@@ -167,8 +169,8 @@ def test_tune_and_eval_on_a_4bit_base(workspace, capsys):
 
     offsets = next(iter(load_file(out / "adapter_model.safetensors").values()))
     # Initialised Normal(0, 1e-3); one epoch of Adam at lr 5e-2 moves each entry by about the learning rate.
-    assert offsets.shape == (2, 12) and offsets.abs().max() > 1e-2
-    status, stdout, _ = run(["eval", "--model", workspace / "model", "--task", "mquake", "--data",
+    assert offsets.shape == (2, QUANTIZABLE_CONFIG["head_dim"]) and offsets.abs().max() > 1e-2
+    status, stdout, _ = run(["eval", "--model", workspace / "quantizable_model", "--task", "mquake", "--data",
                              workspace / "mquake.jsonl", "--adapter", out, "--load-in-4bit", "--max-new-tokens", "2",
                              "--backend", "torch"], capsys)
     assert status == 0 and json.loads(stdout)["examples"] == 4
@@ -230,3 +232,17 @@ def test_errors_are_one_line_with_status_2(workspace, capsys, case):
     for word in words:
         assert word in errors[0], errors[0]
     assert not (workspace / "never").exists()  # failed before anything was written
+
+
+def test_bitsandbytes_optional_kernel_notice_is_dropped(workspace, capsys, caplog):
+    """On an AVX512-BF16 CPU, importing bitsandbytes (transformers' Trainer does) logs that an optional kernel
+    from the `kernels` package could not be loaded, in the middle of a command's output; the command line
+    drops that one notice and nothing else."""
+    run(["eval", "--model", workspace / "no_such_model", "--task", "clutrr", "--data", workspace / "clutrr.json"],
+        capsys)
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        logger.warning("a warning of bitsandbytes' own")
+    assert [record.getMessage() for record in caplog.records] == ["a warning of bitsandbytes' own"]
