@@ -7,12 +7,14 @@ from .adapter import load_adapter
 from .multi import MultiAdapterHandle, load_adapters
 from .ops import head_affine
 from .patch import ARCHITECTURES, LofitHandle, patch_model, register_architecture
+from .tuning import warmup
 
 # The training steps import transformers' Trainer and the k-bit helpers bitsandbytes (seconds each):
 # loaded on first use, so `import lofit_fast` and patch_model stay quick.
 _LAZY = {"prepare_kbit_training": "quantization", "quantization_info": "quantization",
          "select_heads": "training", "tune": "training", "HeadRanking": "training", "StepSettings": "training",
-         "paper_settings": "training", "random_ranking": "training", "probe_ranking": "probing",
+         "paper_settings": "training", "random_ranking": "training", "LofitCheckpointing": "training",
+         "probe_ranking": "probing",
          "LofitConfig": "lofit_model", "LofitModel": "lofit_model", "get_lofit_model": "lofit_model"}
 
 
@@ -26,7 +28,7 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = ["patch_model", "LofitHandle", "register_architecture", "ARCHITECTURES", "head_affine", "load_adapter",
-           "load_adapters", "MultiAdapterHandle",
+           "load_adapters", "MultiAdapterHandle", "warmup",
            "prepare_kbit_training", "quantization_info", "select_heads", "tune", "HeadRanking", "StepSettings",
-           "paper_settings", "random_ranking", "probe_ranking", "LofitConfig", "LofitModel", "get_lofit_model",
-           "__version__"]
+           "paper_settings", "random_ranking", "LofitCheckpointing", "probe_ranking", "LofitConfig", "LofitModel",
+           "get_lofit_model", "__version__"]

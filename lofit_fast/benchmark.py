@@ -10,8 +10,8 @@ One row per (implementation, mode, shape, tokens, K): a table on stdout, progres
 
     {"device", "date", "copy_gbps", "rows": [{"impl", "mode", "shape", "ms", "gbps", "peak_mb", ...}], ...}
 
-Extra row keys: tokens, k, heads, head_dim, dtype, params, bytes, ms_p20 / ms_p80 (the spread), copy_gbps
-(a clone of this z), pct_of_copy, interpreted (Triton run by its CPU interpreter).
+Extra row keys: tokens, k, heads, head_dim, dtype, params, bytes, ms_p20 / ms_p80 (the spread), host_ms, timing,
+copy_gbps (a clone of this z), pct_of_copy, interpreted (Triton run by its CPU interpreter).
 
 Implementations (all compute z'_h = (1 + A_h) z_h + v_h on the selected heads, fp32 parameters):
 - eager_hook: the paper's code (LlamaAttention.forward in the LoFiT repository: for every head i,
@@ -48,11 +48,15 @@ fault in on first touch; on some machines (VMs) that costs several times the op 
 history. `--keep-freed-memory` makes glibc reuse freed memory (mallopt), so the times show the work rather than
 the page faults; the JSON records it. On a shared machine `--threads 1` avoids stalls at OpenMP barriers.
 
-Timing: `triton.testing.do_bench` on GPU (median and 20/80% quantiles), on CPU a warm-up then the median of
-repeated calls (time.perf_counter). Peak memory: on GPU torch.cuda.max_memory_allocated during one call
-minus what was allocated before it (inputs excluded, outputs and saved tensors included); on CPU the
-profiler's allocation events (torch.profiler, profile_memory), summed in time order at op granularity: the
-peak of bytes newly allocated during the call.
+Timing, GPU: `ms` is the device time of the call, from `triton.testing.do_bench_cudagraph` (the call captured
+many times in a CUDA graph and replayed, so no host work is counted; median and 20/80% quantiles; the data stays
+in L2 between calls where it fits), timing "cuda_graph"; `host_ms` is `triton.testing.do_bench` of the same call
+from Python (CUDA events around each call: at 4k tokens mostly launch and dispatch overhead, not bandwidth). A
+call that cannot be captured (timing "events") reports the host number in both. GB/s and %copy use `ms`. CPU:
+a warm-up then the median of repeated calls (time.perf_counter), timing "wall", `host_ms` the same number.
+Peak memory: on GPU torch.cuda.max_memory_allocated during one call minus what was allocated before it (inputs
+excluded, outputs and saved tensors included); on CPU the profiler's allocation events (torch.profiler,
+profile_memory), summed in time order at op granularity: the peak of bytes newly allocated during the call.
 
 CPU target (`--cpu-target`, fp32): one Llama-2-7B layer, 32 heads x 128, 4 x 512 tokens, forward and backward
 of `o_proj(z)` (nn.Linear 4096 -> 4096, frozen weight, z requires grad as in a model) with the transform
@@ -168,7 +172,7 @@ QUICK_BUDGET = Budget(gpu_warmup_ms=5, gpu_rep_ms=20, cpu_warmup=1, cpu_min_reps
 
 
 def time_ms(fn: Callable, device: torch.device, budget: Budget) -> tuple[float, float, float]:
-    """(median, 20% quantile, 80% quantile) of fn's time in milliseconds."""
+    """(median, 20% quantile, 80% quantile) of fn's time in milliseconds, timed from the host (see the module doc)."""
     if device.type == "cuda":
         import triton.testing
 
@@ -185,6 +189,22 @@ def time_ms(fn: Callable, device: torch.device, budget: Budget) -> tuple[float, 
         fn()
         times.append((time.perf_counter() - begin) * 1e3)
     return _quantiles(times)
+
+
+def device_ms(fn: Callable, device: torch.device, budget: Budget) -> tuple[float, float, float, str]:
+    """(median, 20% quantile, 80% quantile, timing): on GPU the device time of fn from CUDA-graph replays
+    (timing "cuda_graph"), or the host timing if fn cannot be captured ("events"); on CPU the wall time ("wall")."""
+    if device.type != "cuda":
+        return (*time_ms(fn, device, budget), "wall")
+    import triton.testing
+
+    try:
+        median, low, high = triton.testing.do_bench_cudagraph(fn, rep=budget.gpu_rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return median, low, high, "cuda_graph"
+    except RuntimeError as error:  # a call that allocates in a way capture refuses, or syncs
+        progress(f"    not capturable in a CUDA graph ({str(error).splitlines()[0][:120]}); timing from the host")
+        torch.cuda.synchronize(device)
+        return (*time_ms(fn, device, budget), "events")
 
 
 def _quantiles(times: list[float]) -> tuple[float, float, float]:
@@ -246,9 +266,9 @@ def _stderr_to_devnull():
 
 
 def copy_gbps(z: torch.Tensor, budget: Budget) -> float:
-    """GB/s of a clone of z (read and write: 2 * z.nbytes)."""
+    """GB/s of a clone of z (read and write: 2 * z.nbytes), timed as the op is (device time on GPU)."""
     z = z.detach()
-    milliseconds, _, _ = time_ms(lambda: z.clone(), z.device, budget)
+    milliseconds = device_ms(lambda: z.clone(), z.device, budget)[0]
     return 2 * z.numel() * z.element_size() / milliseconds / 1e6
 
 
@@ -371,7 +391,8 @@ def run_kernel_benchmark(cases: list[Case], impls: list[str], modes: list[str], 
                 done += 1
                 progress(f"[{done}/{total}] {impl} {mode} {case.label}")
                 fn = mode_function(mode, transform, z, trained, grad)
-                median, low, high = time_ms(fn, device, budget)
+                median, low, high, timing = device_ms(fn, device, budget)
+                host = time_ms(fn, device, budget)[0] if timing == "cuda_graph" else median
                 memory = peak_mb(fn, device)
                 del fn
                 moved = op_bytes(mode, case.tokens, case.num_heads, case.head_dim, case.k, z.element_size(),
@@ -380,10 +401,11 @@ def run_kernel_benchmark(cases: list[Case], impls: list[str], modes: list[str], 
                 rows.append(dict(
                     impl=impl, mode=mode, shape=case.shape, ms=median, gbps=gbps, peak_mb=memory,
                     tokens=case.tokens, k=case.k, heads=case.num_heads, head_dim=case.head_dim,
-                    dtype=case.dtype, params=case.params, bytes=moved, ms_p20=low, ms_p80=high,
+                    dtype=case.dtype, params=case.params, bytes=moved, ms_p20=low, ms_p80=high, host_ms=host,
+                    timing=timing,
                     copy_gbps=copy, pct_of_copy=100 * gbps / copy,
                     interpreted=impl == "triton" and interpreted))
-                progress(f"    {median:.4g} ms, {gbps:.3g} GB/s, peak {memory:.3g} MB")
+                progress(f"    {median:.4g} ms ({timing}), host {host:.4g} ms, {gbps:.3g} GB/s, peak {memory:.3g} MB")
             del transform, trained
             if impl == "torch_compile":
                 torch._dynamo.reset()
@@ -520,16 +542,21 @@ def format_table(rows: list[dict]) -> str:
     def number(value, digits=4):
         return "-" if value is None else f"{value:.{digits}g}"
 
-    header = ("impl", "mode", "shape", "tokens", "K", "params", "dtype", "ms", "GB/s", "%copy", "peak MB")
+    header = ("impl", "mode", "shape", "tokens", "K", "params", "dtype", "ms", "host ms", "GB/s", "%copy", "peak MB")
     table = [header] + [(
         row["impl"] + ("*" if row.get("interpreted") else ""), row["mode"], row["shape"], str(row["tokens"]),
-        str(row["k"]), row["params"], row["dtype"], number(row["ms"]), number(row.get("gbps"), 3),
+        str(row["k"]), row["params"], row["dtype"], number(row["ms"]) + ("+" if row.get("timing") == "events" else ""),
+        number(row.get("host_ms")), number(row.get("gbps"), 3),
         number(row.get("pct_of_copy"), 3), number(row.get("peak_mb"), 3)) for row in rows]
     widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     text = (0, 1, 2, 5, 6)  # left-aligned; numbers are right-aligned
     lines = ["  ".join(cell.ljust(width) if column in text else cell.rjust(width)
                        for column, (cell, width) in enumerate(zip(line, widths))) for line in table]
     lines.insert(1, "-" * len(lines[0]))
+    if any(row.get("timing") == "cuda_graph" for row in rows):
+        lines.append("ms: device time (CUDA-graph replay); host ms: timed from Python, launch overhead included")
+    if any(row.get("timing") == "events" for row in rows):
+        lines.append("+ could not be captured in a CUDA graph: host timing")
     if any(row.get("interpreted") for row in rows):
         lines.append("* Triton interpreter on the CPU: correctness only, says nothing about GPU speed")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""End-to-end benchmark of LoFiT step-2 training on bitsandbytes bases: `lofit bench --e2e` and
+"""End-to-end benchmark of LoFiT training steps on bitsandbytes bases: `lofit bench --e2e` and
 `benchmarks/bench_e2e.py`.
 
     python benchmarks/bench_e2e.py                          # GPU: llama2-7b, llama2-13b x nf4, int8
@@ -13,17 +13,21 @@ lm_head (unquantized, as Transformers leaves it) are drawn on the device in bf16
 few hundred MB even for Llama-2-13B, whose bf16 weights alone are 26 GB.
 
 Each training step is forward + backward of the causal-LM loss on random token ids (batch x seq) plus an
-AdamW step of the trained parameters. Implementations (`--impl`):
+AdamW step of the trained parameters. Methods (`--method`), what LoFiT trains:
+- step1: the paper's head selection: scales on every head of every layer, L1 penalty 5e-4 on them. The scale
+  path of the kernels runs on every layer, and backward reaches layer 0.
+- step2: offsets on K heads (default 48, seeded random, as a ranking would spread them over the layers).
+  lofit_fast folds offset-only layers into o_proj's output, so no per-token kernel runs.
+- step2-scale: scales and offsets on the same K heads: the kernels run on the layers that hold them.
+Implementations (`--impl`):
 - floor: the frozen model, with the output of the lowest selected layer's o_proj made to require grad,
   so that loss.backward() runs the model's backward from the loss down to that point and no further.
   This is the least that any adapter at those heads can cost: the frozen model's own forward and its
   backward down to the lowest selected layer.
-- lofit_fast: `patch_model(model, heads, scale=False)`, offsets on K heads (default 48, seeded random,
-  as a ranking would spread them over the layers); offset-only layers fold the offsets into o_proj's
-  output.
+- lofit_fast: `patch_model` with the method's heads and parameters.
 - eager_hook: the paper's hook: a forward pre-hook on every o_proj that loops over *all* heads in Python,
   each head with its own (A, v), cloning the slice, scaling, shifting and writing it back
-  (`lofit_fast.benchmark.eager_hook_transform`); v is trained on the same K heads, the rest is frozen.
+  (`lofit_fast.benchmark.eager_hook_transform`); the method's parameters are trained, the rest is frozen.
 - qlora: PEFT LoRA r=8 (alpha 16, dropout 0.05) on o_proj of every layer, on the same quantized base
   (needs `pip install peft`; skipped with a note when it is missing and not asked for by name). The base
   is not upcast (PEFT's prepare_model_for_kbit_training would upcast norms and embeddings to fp32 and
@@ -48,7 +52,7 @@ peak RSS: it leaves out transient buffers and the tensors that bitsandbytes' aut
 their context objects, which are the same for every implementation.
 
 Output: a table on stdout and `benchmarks/results/e2e-<device>-<date>.json` with one row per
-(impl, model, quant): impl, model, quant, dtype, layers, hidden, seq, k, lowest_layer, trained_params,
+(method, impl, model, quant): method, impl, model, quant, dtype, layers, hidden, seq, k, lowest_layer, trained_params,
 batch, fits_at_batch, peak_mb, step_mb, saved_mb, ms, tokens_per_s, max_batch, fits_24gb,
 peak_mb_at_max_batch, tokens_per_s_at_max_batch, and the ratios to the floor's row peak_vs_floor,
 step_mb_vs_floor, saved_vs_floor, time_vs_floor (None where a figure does not apply to the device).
@@ -74,6 +78,8 @@ from .patch import find_o_projs, patch_model
 
 DEFAULT_OUTPUT = "benchmarks/results"
 IMPLS = ("floor", "lofit_fast", "eager_hook", "qlora")
+METHODS = ("step1", "step2", "step2-scale")
+STEP1_L1 = 5e-4  # the paper's step-1 l1_lambda for Llama-2-7B on TruthfulQA
 QUANTS = ("nf4", "int8")
 # Llama-2 shapes (vocab 32000, MHA, head_dim 128).
 MODELS = {
@@ -171,6 +177,7 @@ class Attached:
     runner: nn.Module
     trained: list
     detach: Callable[[], None]
+    penalty: Optional[Callable[[], torch.Tensor]] = None  # added to the loss (step 1's L1 term)
 
 
 def random_heads(num_layers: int, num_heads: int, k: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -179,13 +186,22 @@ def random_heads(num_layers: int, num_heads: int, k: int, seed: int = 0) -> list
     return sorted(random.Random(seed).sample(pairs, k))
 
 
-def attach(impl: str, model: nn.Module, heads: list) -> Attached:
+def method_heads(method: str, num_layers: int, num_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
+    """The heads a method trains: every head for step 1, K seeded random ones for step 2."""
+    if method == "step1":
+        return [(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+    return random_heads(num_layers, num_heads, k, seed)
+
+
+def attach(impl: str, model: nn.Module, heads: list, method: str = "step2") -> Attached:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
     if impl == "floor":
         return _attach_floor(model, heads)
     if impl == "lofit_fast":
-        return _attach_lofit(model, heads)
+        return _attach_lofit(model, heads, method)
     if impl == "eager_hook":
-        return _attach_eager_hook(model, heads)
+        return _attach_eager_hook(model, heads, method)
     if impl == "qlora":
         return _attach_qlora(model)
     raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
@@ -199,25 +215,43 @@ def _attach_floor(model, heads) -> Attached:
     return Attached(model, [], hook.remove)
 
 
-def _attach_lofit(model, heads) -> Attached:
-    handle = patch_model(model, heads, scale=False, offset=True)
+def _trains(method: str) -> tuple[bool, bool]:
+    """(scale, offset) trained by a method."""
+    return {"step1": (True, False), "step2": (False, True), "step2-scale": (True, True)}[method]
+
+
+def _attach_lofit(model, heads, method) -> Attached:
+    train_scale, train_offset = _trains(method)
+    handle = patch_model(model, None if method == "step1" else heads, scale=train_scale, offset=train_offset)
+    trained = [parameter for parameter in (handle.scale, handle.offset) if parameter is not None]
     with torch.no_grad():
-        handle.offset.normal_(0.0, 1e-3)
-    return Attached(model, [handle.offset], handle.remove)
+        for parameter in trained:
+            parameter.normal_(0.0, 1e-3)
+    penalty = (lambda: STEP1_L1 * handle.scale.abs().sum()) if method == "step1" else None
+    return Attached(model, trained, handle.remove, penalty)
 
 
-def _attach_eager_hook(model, heads) -> Attached:
-    """Per-head (A, v) on every head of every layer, applied head by head; v trained on `heads`."""
+def _attach_eager_hook(model, heads, method) -> Attached:
+    """Per-head (A, v) on every head of every layer, applied head by head, as the paper's code has them; the
+    method's parameters are trained on `heads`. The others are frozen: A at 0, v drawn like the trained ones (at 0
+    when the method trains no offsets)."""
     config = model.config
     num_heads, head_dim = config.num_attention_heads, config.head_dim
     device = next(model.parameters()).device
     selected = set(heads)
-    hooks, trained = [], []
+    train_scale, train_offset = _trains(method)
+    hooks, trained, scales_trained = [], [], []
+
+    def parameter(train, on, random):
+        value = torch.randn(head_dim, device=device) * 1e-3 if random else torch.zeros(head_dim, device=device)
+        return value.requires_grad_(train and on)
+
     for layer, o_proj in enumerate(find_o_projs(model)):
-        scales = [torch.zeros(head_dim, device=device) for _ in range(num_heads)]
-        offsets = [(torch.randn(head_dim, device=device) * 1e-3).requires_grad_((layer, head) in selected)
-                   for head in range(num_heads)]
-        trained += [offset for offset in offsets if offset.requires_grad]
+        on = [(layer, head) in selected for head in range(num_heads)]
+        scales = [parameter(train_scale, on[head], train_scale and on[head]) for head in range(num_heads)]
+        offsets = [parameter(train_offset, on[head], train_offset) for head in range(num_heads)]
+        scales_trained += [scale for scale in scales if scale.requires_grad]
+        trained += [p for p in scales + offsets if p.requires_grad]
         hooks.append(o_proj.register_forward_pre_hook(
             lambda module, args, scales=scales, offsets=offsets: (
                 eager_hook_transform(args[0], scales, offsets).to(args[0].dtype), *args[1:])))
@@ -226,7 +260,8 @@ def _attach_eager_hook(model, heads) -> Attached:
         for hook in hooks:
             hook.remove()
 
-    return Attached(model, trained, detach)
+    penalty = (lambda: STEP1_L1 * sum(scale.abs().sum() for scale in scales_trained)) if method == "step1" else None
+    return Attached(model, trained, detach, penalty)
 
 
 def _attach_qlora(model) -> Attached:
@@ -252,6 +287,8 @@ def make_step(attached: Attached, batch: int, seq: int, vocab: int, device) -> C
 
     def step():
         loss = attached.runner(input_ids=ids, labels=ids).loss
+        if attached.penalty is not None:
+            loss = loss + attached.penalty()
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -357,23 +394,36 @@ class Settings:
     layers: Optional[int]
     width_divisor: int
     seed: int
+    methods: tuple = ("step2",)
+    own_batch: bool = True  # GPU: also measure each impl at its own largest batch
 
 
 def run_model(name: str, quant: str, impls: list, settings: Settings, device) -> list[dict]:
-    """Build one quantized model and measure every implementation on it; rows as in the module doc."""
+    """Build one quantized model and measure every method and implementation on it; rows as in the module doc."""
     config = llama_config(name, settings.layers, settings.width_divisor)
-    full_layers = MODELS[name]["num_hidden_layers"]
-    k = settings.k or max(1, round(PAPER_K * config.num_hidden_layers / full_layers))
-    heads = random_heads(config.num_hidden_layers, config.num_attention_heads, k, settings.seed)
     progress(f"{name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) {quant}: building")
     model = build_quantized_model(config, quant, device, DTYPES[settings.dtype], settings.seed)
-    common = dict(model=name, quant=quant, dtype=settings.dtype, layers=config.num_hidden_layers,
-                  hidden=config.hidden_size, seq=settings.seq, k=k, lowest_layer=min(layer for layer, _ in heads),
-                  max_batch=None, fits_24gb=None, peak_mb_at_max_batch=None, tokens_per_s_at_max_batch=None)
+    rows = []
+    for method in settings.methods:
+        rows += _run_method(model, config, name, quant, method, impls, settings, device)
+    del model
+    free_memory(device)
+    return rows
+
+
+def _run_method(model, config, name, quant, method, impls, settings, device) -> list[dict]:
+    full_layers = MODELS[name]["num_hidden_layers"]
+    k = settings.k or max(1, round(PAPER_K * config.num_hidden_layers / full_layers))
+    heads = method_heads(method, config.num_hidden_layers, config.num_attention_heads, k, settings.seed)
+    progress(f"  {method}: {len(heads)} heads")
+    common = dict(method=method, model=name, quant=quant, dtype=settings.dtype, layers=config.num_hidden_layers,
+                  hidden=config.hidden_size, seq=settings.seq, k=len(heads),
+                  lowest_layer=min(layer for layer, _ in heads), max_batch=None, fits_24gb=None,
+                  peak_mb_at_max_batch=None, tokens_per_s_at_max_batch=None)
     rows = {impl: dict(impl=impl, **common) for impl in impls}
 
     def measure(impl, body):
-        attached = attach(impl, model, heads)
+        attached = attach(impl, model, heads, method)
         try:
             return body(attached)
         finally:
@@ -385,31 +435,29 @@ def run_model(name: str, quant: str, impls: list, settings: Settings, device) ->
 
     if device.type == "cuda":
         for impl in impls:
-            progress(f"  {impl}: largest batch")
+            progress(f"  {method} {impl}: largest batch")
             rows[impl]["max_batch"] = measure(impl, lambda a: largest_batch(factory(a), device, settings.max_batch))
             rows[impl]["fits_24gb"] = rows[impl]["max_batch"] > 0
         fitting = [row["max_batch"] for row in rows.values() if row["max_batch"] > 0]
         batch = settings.batch or (min(fitting) if fitting else 1)
     else:
         batch = settings.batch or 1
-    progress(f"  every impl at batch {batch}: memory, then {settings.steps} interleaved timing rounds")
+    progress(f"  {method}: every impl at batch {batch}: memory, then {settings.steps} interleaved timing rounds")
     for impl in impls:
         rows[impl].update(measure(impl, lambda a: _memory_at(a, factory(a), batch, settings, config, device)))
     runnable = [impl for impl in impls if rows[impl]["fits_at_batch"]]
     for impl, milliseconds in interleaved_step_ms(runnable, measure, factory, batch, settings, device).items():
         rows[impl].update(ms=milliseconds, tokens_per_s=batch * settings.seq / milliseconds * 1e3)
-    if device.type == "cuda":
+    if device.type == "cuda" and settings.own_batch:
         for impl in impls:
             row = rows[impl]
             if row["max_batch"] > 0:
-                progress(f"  {impl}: at its largest batch, {row['max_batch']}")
+                progress(f"  {method} {impl}: at its largest batch, {row['max_batch']}")
                 peak, milliseconds = measure(impl, lambda a: _at_own_batch(factory(a), row["max_batch"], settings,
                                                                            device))
                 if milliseconds is not None:
                     row.update(peak_mb_at_max_batch=peak,
                                tokens_per_s_at_max_batch=row["max_batch"] * settings.seq / milliseconds * 1e3)
-    del model
-    free_memory(device)
     _compare_with_floor(rows)
     return list(rows.values())
 
@@ -468,16 +516,17 @@ def format_table(rows: list[dict], device_type: str) -> str:
         return "-" if value is None else f"{value:.{digits}g}"
 
     if device_type == "cuda":
-        header = ("model", "quant", "impl", "K", "batch", "peak MB", "step MB", "ms", "tok/s", "x floor mem",
+        header = ("method", "model", "quant", "impl", "K", "batch", "peak MB", "step MB", "ms", "tok/s", "x floor mem",
                   "x floor time", "max batch", "tok/s max", "fits 24GB")
-        cells = [(r["model"], r["quant"], r["impl"], str(r["k"]), str(r["batch"]), number(r["peak_mb"], 5),
+        cells = [(r["method"], r["model"], r["quant"], r["impl"], str(r["k"]), str(r["batch"]), number(r["peak_mb"], 5),
                   number(r["step_mb"], 5), number(r["ms"]), number(r["tokens_per_s"]), number(r["peak_vs_floor"]),
                   number(r["time_vs_floor"]), str(r.get("max_batch")), number(r.get("tokens_per_s_at_max_batch")),
                   "yes" if r.get("fits_24gb") else "no") for r in rows]
     else:
-        header = ("model", "layers", "quant", "impl", "K", "batch", "seq", "saved MB*", "ms", "tok/s",
+        header = ("method", "model", "layers", "quant", "impl", "K", "batch", "seq", "saved MB*", "ms", "tok/s",
                   "x floor saved", "x floor time")
-        cells = [(r["model"], str(r["layers"]), r["quant"], r["impl"], str(r["k"]), str(r["batch"]), str(r["seq"]),
+        cells = [(r["method"], r["model"], str(r["layers"]), r["quant"], r["impl"], str(r["k"]), str(r["batch"]),
+                  str(r["seq"]),
                   number(r["saved_mb"]), number(r["ms"]), number(r["tokens_per_s"]), number(r["saved_vs_floor"]),
                   number(r["time_vs_floor"])) for r in rows]
     table = [header] + cells
@@ -492,9 +541,12 @@ def format_table(rows: list[dict], device_type: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofit bench --e2e",
-        description="LoFiT step-2 training on quantized bases (see lofit_fast/benchmark_e2e.py).")
+        description="LoFiT training steps on quantized bases (see lofit_fast/benchmark_e2e.py).")
     parser.add_argument("--models", type=comma_list(tuple(MODELS)), help="llama2-7b,llama2-13b (default: both)")
     parser.add_argument("--quant", type=comma_list(QUANTS), help="nf4,int8 (default: both)")
+    parser.add_argument("--method", type=comma_list(METHODS),
+                        help="step1 (scales on every head), step2 (offsets on K heads), step2-scale (scales and "
+                             "offsets on K heads); default: all three")
     parser.add_argument("--impl", type=comma_list(IMPLS),
                         help=f"{','.join(IMPLS)} (default: all; qlora only when peft is installed)")
     parser.add_argument("--k", type=int, help=f"selected heads (default {PAPER_K}, scaled with the layers kept)")
@@ -512,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="timed steps (default 5 on GPU, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-own-batch", action="store_true",
+                        help="GPU: skip measuring each impl again at its own largest batch (saves time)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="a .json file or a folder (default: %(default)s)")
@@ -530,7 +584,8 @@ def _settings(args, on_gpu: bool) -> Settings:
         max_batch=args.max_batch, warmup=args.warmup,
         steps=args.steps or (1 if quick else 5 if on_gpu else 3), k=args.k,
         layers=args.layers or (2 if quick or not on_gpu else None),
-        width_divisor=8 if quick and args.width_divisor == 1 else args.width_divisor, seed=args.seed)
+        width_divisor=8 if quick and args.width_divisor == 1 else args.width_divisor, seed=args.seed,
+        methods=tuple(args.method or METHODS), own_batch=not args.no_own_batch)
 
 
 def _impls(named: Optional[list]) -> list:

@@ -99,6 +99,11 @@ def linear4bit_layers(model: nn.Module, skip: tuple = ()) -> list[tuple[str, nn.
             if quantization_of(module) == "4bit" and id(module) not in skipped]
 
 
+def compute_dtypes_4bit(model: nn.Module) -> set[torch.dtype]:
+    """The dtypes `model`'s Linear4bit layers multiply in (bnb_4bit_compute_dtype); empty when it has none."""
+    return {layer.compute_dtype for _, layer in linear4bit_layers(model) if layer.compute_dtype is not None}
+
+
 # What to do when a trainable adapter meets repacked layers.
 REPACKED_REMEDY = ("Load the model again and attach the adapter with trainable parameters (patch_model, "
                    "load_adapter(trainable=True), LofitModel.from_pretrained(is_trainable=True)) before running "
@@ -163,3 +168,41 @@ class RepackingCheckHook:
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters.parameters()):
             self.hold.hold(REPACKED_REMEDY, error=RuntimeError)
         return None
+
+
+def linear_response(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """layer(x) - layer(0) for each row x of `inputs` (n, in_features), fp32 (n, out_features): the linear part of
+    an affine layer, in one call with a zero row appended. `.forward`, not `__call__`: this runs inside LoFiT's
+    own hooks, which must not fire again."""
+    probe = torch.cat([inputs, inputs.new_zeros(1, inputs.shape[-1])])
+    outputs = layer.forward(probe).float()
+    return outputs[:-1] - outputs[-1]
+
+
+def weight_columns(layer: nn.Module, columns: torch.Tensor) -> torch.Tensor:
+    """W[:, columns] in fp32, for a linear layer: its weight, or for a bitsandbytes layer the weight it multiplies
+    by, dequantized (exact for 4-bit)."""
+    quantization = quantization_of(layer)
+    if quantization is None:
+        return layer.weight.index_select(1, columns).float()
+    bnb = bitsandbytes_module()
+    if quantization == "4bit":
+        if is_repacked(layer):
+            # The packed CPU layout has no public dequantization: read the columns through the layer itself,
+            # layer(e_j) - layer(0) (exact: its kernel dequantizes, then multiplies).
+            unit_rows = torch.eye(layer.in_features, device=columns.device).index_select(0, columns)
+            return linear_response(layer, unit_rows.to(layer.compute_dtype or torch.float32)).T
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        return weight.index_select(1, columns.to(weight.device)).float()
+    # LLM.int8: int8 rows CB with one absmax per output row, SCB. After the first forward call they live in
+    # layer.state (weight.data is CB again), before it on the weight.
+    state = layer.state
+    int8_rows = state.CB if state.CB is not None else getattr(layer.weight, "CB", None)
+    if int8_rows is None:
+        int8_rows = layer.weight.data
+    row_scales = state.SCB if state.SCB is not None else getattr(layer.weight, "SCB", None)
+    if row_scales is None or int8_rows.dtype != torch.int8:
+        raise ValueError(f"could not find the int8 weight and row scales of {type(layer).__name__}; use an "
+                         f"unquantized base instead")
+    weight = bnb.functional.int8_vectorwise_dequant(int8_rows, row_scales)
+    return weight.index_select(1, columns.to(weight.device)).float()

@@ -1,34 +1,46 @@
-"""The `lofit` command: select, tune, eval, merge, bench, demo.
+"""The `lofit` command: select, tune, eval, merge, export, bench, demo.
 
     lofit select --model PATH --task clutrr --data train.json --output-dir out/select
     lofit tune   --model PATH --task clutrr --data train.json --ranking out/select/ranking.json --k 32 --output-dir out/adapter
     lofit eval   --model PATH --task clutrr --data test.json --adapter out/adapter
-    lofit merge  --model PATH --adapter out/adapter --output-dir out/merged
-    lofit bench  [--e2e] [benchmark options]
+    lofit merge  --model PATH --adapter out/adapter --output-dir out/merged [--for vllm]
+    lofit export --model PATH --adapter out/adapter --format peft-lora --output-dir out/adapter-lora
+    lofit bench  [--e2e | --static] [benchmark options]
     lofit demo
+    lofit compare [--model PATH --task sft --data train.jsonl --eval-data test.jsonl]
 
 Errors are reported as one line (`lofit: error: ...`) with exit status 2; `--traceback` shows the rest.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+import warnings
 
-TASKS = ("clutrr", "mquake", "truthfulqa", "sft-jsonl", "dpo-jsonl")
-PREFERENCE_TASKS = ("truthfulqa", "dpo-jsonl")
+from .data import PREFERENCE_TASKS, TASK_ALIASES, TASKS, canonical_task
+from .serving import ENGINES
+
 LOCALIZERS = ("lofit", "random", "probe")  # training.LOCALIZERS, copied so that parsing imports no Trainer
+PAPER_MODELS = ("llama-2-7b", "llama-2-13b", "gemma-7b")  # training.PAPER_SETTINGS_BY_MODEL's keys, likewise
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
 
-def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool = False, dtype: str = "auto"):
-    """A causal LM and its tokenizer from a local path or a hub name, optionally quantized by bitsandbytes."""
+def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool = False, dtype: str = "auto",
+               with_tokenizer: bool = True, training: bool = False):
+    """A causal LM and its tokenizer (None unless `with_tokenizer`) from a local path or a hub name, optionally
+    quantized by bitsandbytes.
+
+    dtype "auto" is the checkpoint's own, except that a float16 checkpoint loaded for `training` loads in float32:
+    float16 training without loss scaling loses small gradients (the paper trains in fp32 or bf16).
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if load_in_8bit and load_in_4bit:
         raise ValueError("choose one of --load-in-8bit and --load-in-4bit")
@@ -42,6 +54,11 @@ def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool
         raise FileNotFoundError(f"{name_or_path} has no config.json: give a model directory written by "
                                 f"save_pretrained (an adapter directory goes to --adapter)")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    if training and dtype == "auto" and _checkpoint_dtype(AutoConfig, name_or_path) == torch.float16:
+        print("lofit: note: the checkpoint is float16, which would train without loss scaling; lofit loads it in "
+              "float32 (--dtype bfloat16 takes half the memory, as the paper uses for Llama 2-13B and Gemma-7B)",
+              file=sys.stderr)
+        torch_dtype = torch.float32
     kwargs = {"dtype": torch_dtype}
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -52,42 +69,67 @@ def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool
     if torch.cuda.is_available():
         kwargs["device_map"] = "auto"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path) if with_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
         raise ValueError(f"could not load a model from {name_or_path!r}: {_one_line(error)}") from None
-    if tokenizer.pad_token is None:
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def _examples(task: str, path: str) -> list:
-    """The task's examples, read before the model so that a bad data file fails fast."""
+def _checkpoint_dtype(auto_config, name_or_path: str):
+    """The dtype a checkpoint's config.json declares (a torch.dtype), or None."""
+    import torch
+
+    try:
+        config = auto_config.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not load a model from {name_or_path!r}: {_one_line(error)}") from None
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, declared, None) if isinstance(declared, str) else declared
+
+
+def _fields(args) -> dict:
+    """--prompt-field and the like: {the task's field: the data's column}."""
+    return {name: getattr(args, f"{name}_field") for name in DATA_FIELDS if getattr(args, f"{name}_field", None)}
+
+
+def _examples(args) -> list:
+    """The task's examples (--data, --split, --*-field), read before the model so that bad data fails fast."""
     from .data import load_task
 
-    return load_task(task, path)
+    return load_task(args.task, args.data, fields=_fields(args), split=args.split)
 
 
-def _dataset(task: str, examples: list, tokenizer, max_length: int):
+def _dataset(args, examples: list, tokenizer):
     """Tokenized training rows and the collator that batches them."""
     from .data import PreferenceCollator, SFTCollator, tokenize_preference, tokenize_sft
 
-    if task in PREFERENCE_TASKS:
-        rows = [tokenize_preference(example, tokenizer, max_length) for example in examples]
+    if args.task in PREFERENCE_TASKS:
+        rows = [tokenize_preference(example, tokenizer, args.max_length, chat_template=args.chat_template)
+                for example in examples]
         return rows, PreferenceCollator(tokenizer.pad_token_id), "dpo"
-    rows = [tokenize_sft(example, tokenizer, max_length) for example in examples]
+    rows = [tokenize_sft(example, tokenizer, args.max_length, chat_template=args.chat_template)
+            for example in examples]
     return rows, SFTCollator(tokenizer.pad_token_id), "sft"
 
 
-def _settings(args, step: str):
+def _settings(args, step: str, model):
+    """(the step's settings, the default K): the paper's for the task and the model (or --paper-model), with
+    the options given on the command line; printed, as they are also saved with the results."""
     from .training import paper_settings
 
-    settings = paper_settings(args.task)
+    settings = paper_settings(args.task, model=model, paper_model=args.paper_model)
     chosen = settings[step]
-    for name in ("learning_rate", "l1_lambda", "num_train_epochs", "per_device_train_batch_size", "seed"):
+    for name in ("learning_rate", "l1_lambda", "num_train_epochs", "per_device_train_batch_size", "seed",
+                 "train_size"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(chosen, name, value)
+    print(f"settings: {chosen.source}: learning_rate {chosen.learning_rate:g}, l1_lambda {chosen.l1_lambda:g}, "
+          f"{chosen.num_train_epochs:g} epochs, batch {chosen.per_device_train_batch_size}, "
+          f"train_size {chosen.train_size or 'all'}, seed {chosen.seed}")
     return chosen, settings["k"]
 
 
@@ -97,6 +139,8 @@ def _training_args(args) -> dict:
         overrides["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     if args.bf16:
         overrides["bf16"] = True
+    if args.fp16:
+        overrides["fp16"] = True
     if args.gradient_checkpointing:
         overrides["gradient_checkpointing"] = True
         overrides["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
@@ -119,10 +163,10 @@ def cmd_select(args):
     from .patch import attention_shape
     from .training import select_heads
 
-    examples = _examples(args.task, args.data)
-    model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
-    rows, collator, loss = _dataset(args.task, examples, tokenizer, args.max_length)
-    settings, default_k = _settings(args, "select")
+    examples = _examples(args)
+    model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype, training=True)
+    rows, collator, loss = _dataset(args, examples, tokenizer)
+    settings, default_k = _settings(args, "select", model)
     shape = attention_shape(model)
     k = _head_count(args.k, default_k, shape.num_layers * shape.num_heads)  # checked before training
     ranking = select_heads(model, rows, collator, loss=loss, settings=settings, localizer=args.localizer,
@@ -143,13 +187,15 @@ def cmd_tune(args):
         raise ValueError("give one of --ranking PATH (from `lofit select`) and --heads 'layer:head,...'")
     if args.heads and args.k is not None:
         raise ValueError("--k picks the top heads of --ranking; with --heads, the heads are the ones listed")
-    settings, default_k = _settings(args, "tune")
     ranking = HeadRanking.load(args.ranking) if args.ranking else None
-    k = _head_count(args.k, default_k, len(ranking.ranking)) if ranking else None
+    if ranking and args.k is not None:
+        _head_count(args.k, None, len(ranking.ranking))
     heads = _parse_heads(args.heads) if args.heads else None
-    examples = _examples(args.task, args.data)
-    model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
-    rows, collator, loss = _dataset(args.task, examples, tokenizer, args.max_length)
+    examples = _examples(args)
+    model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype, training=True)
+    rows, collator, loss = _dataset(args, examples, tokenizer)
+    settings, default_k = _settings(args, "tune", model)  # the paper's K depends on the model
+    k = _head_count(args.k, default_k, len(ranking.ranking)) if ranking else None
     checkpoints = os.path.join(args.output_dir, "checkpoints")
     handle = tune(model, rows, collator, heads=heads, ranking=ranking, k=k, loss=loss,
                   settings=settings, output_dir=checkpoints,
@@ -161,7 +207,7 @@ def cmd_tune(args):
     print(f"adapter: {args.output_dir} ({len(handle.heads)} heads)")
 
 
-def _head_count(k, default_k: int, total_heads: int) -> int:
+def _head_count(k, default_k, total_heads: int) -> int:
     """--k as a number of heads (checked against the model); without --k, the paper's K, at most every head."""
     from .training import resolve_k
 
@@ -182,37 +228,17 @@ def _parse_heads(text: str) -> list:
 
 def cmd_eval(args):
     from .adapter import load_adapter
+    from .evaluation import evaluate_examples, evaluation_examples
 
-    examples = evaluation_examples(args.task, args.data)
+    examples = evaluation_examples(args.task, args.data, fields=_fields(args), split=args.split)
     model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
     if args.adapter:
         load_adapter(model, args.adapter, backend=args.backend, trainable=False)
     model.eval()
-    result = evaluate_examples(model, tokenizer, args.task, examples, args.max_new_tokens, args.batch_size)
+    result = evaluate_examples(model, tokenizer, args.task, examples, args.max_new_tokens, args.batch_size,
+                               chat_template=args.chat_template,
+                               mc_prompt="zero-shot" if args.zero_shot else "qa-primer")
     print(json.dumps(result, indent=1))
-
-
-def evaluation_examples(task: str, path: str) -> list:
-    """What `lofit eval` scores: TruthfulQA's multiple-choice questions, or a task's generation examples."""
-    from .data import load_task, load_truthfulqa_mc
-
-    if task == "truthfulqa":
-        return load_truthfulqa_mc(path)
-    if task == "dpo-jsonl":
-        raise ValueError("--task dpo-jsonl has no generation answers to score; evaluate with an sft-jsonl file")
-    return load_task(task, path)
-
-
-def evaluate_examples(model, tokenizer, task: str, examples: list, max_new_tokens: int = 16,
-                      batch_size: int = 16) -> dict:
-    """TruthfulQA: {"mc1", "mc2", "examples"} from answer log-likelihoods; other tasks:
-    {"exact_match", "examples"} from greedy generation."""
-    from .evaluation import evaluate_generation, truthfulqa_mc_scores
-
-    if task == "truthfulqa":
-        return truthfulqa_mc_scores(model, tokenizer, examples, batch_size=batch_size)
-    return {"exact_match": evaluate_generation(model, tokenizer, examples, max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size), "examples": len(examples)}
 
 
 def cmd_merge(args):
@@ -223,15 +249,36 @@ def cmd_merge(args):
               "scales cannot be folded into quantized weights", file=sys.stderr)
     model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype)
     handle = load_adapter(model, args.adapter, backend=args.backend, trainable=False)
-    merged = handle.merge_and_unload()
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        merged = handle.merge_and_unload(args.engine)
+    for note in notes:
+        print(f"lofit: note: {note.message}", file=sys.stderr)
     merged.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
-    print(f"merged model: {args.output_dir}")
+    print(f"merged model for {args.engine}: {args.output_dir}")
+
+
+EXPORT_FORMATS = ("peft-lora",)
+
+
+def cmd_export(args):
+    from .adapter import load_adapter
+
+    model, _ = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype, with_tokenizer=False)
+    handle = load_adapter(model, args.adapter, backend=args.backend, trainable=False)
+    handle.export_peft_lora(args.output_dir)
+    print(f"PEFT LoRA adapter: {args.output_dir} (load it with peft.PeftModel.from_pretrained(base_model, "
+          f"{args.output_dir!r}))")
 
 
 def cmd_bench(args, extra):
+    if args.e2e and args.static:
+        raise ValueError("lofit bench takes --e2e or --static, not both")
     if args.e2e:
         from .benchmark_e2e import main as bench_main
+    elif args.static:
+        from .benchmark_static import main as bench_main
     else:
         from .benchmark import main as bench_main
     return bench_main(extra)
@@ -243,21 +290,85 @@ def cmd_demo(args):
     run_demo(args.output_dir, quick=args.quick, seed=args.seed)
 
 
+# Options of `lofit compare` that only a comparison on your model (--model) reads.
+COMPARE_MODEL_OPTIONS = ("task", "data", "eval_data", "k", "methods", "lora_lr", "ia3_lr", "learning_rate",
+                         "select_lr", "l1_lambda", "num_train_epochs", "per_device_train_batch_size", "train_size",
+                         "paper_model")
+
+
+def cmd_compare(args):
+    from . import compare
+
+    if args.model is None:
+        given = [name for name in COMPARE_MODEL_OPTIONS if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an option of a comparison on your model: give "
+                             f"--model PATH (with --task, --data and --eval-data), or leave it out for the demo's")
+        comparison = compare.QUICK if args.quick else compare.FULL
+        if args.seeds:
+            comparison = dataclasses.replace(comparison, seeds=tuple(args.seeds))
+        workers = compare.default_workers() if args.workers is None else args.workers
+        compare.run_demo_comparison(args.output_dir, quick=args.quick, workers=workers, comparison=comparison)
+        return
+    missing = [option for option, value in (("--task", args.task), ("--data", args.data),
+                                            ("--eval-data", args.eval_data)) if value is None]
+    if missing:
+        raise ValueError(f"a comparison on your model needs {', '.join(missing)} (the training data, and the "
+                         f"held-out data it is scored on)")
+    if args.task in PREFERENCE_TASKS:
+        raise ValueError(f"lofit compare trains LoRA and IA3 with the SFT loss only, so it takes an SFT task "
+                         f"(clutrr, mquake, sft), not {args.task}")
+    if args.quick or args.workers is not None:
+        raise ValueError("--quick and --workers are options of the demo's comparison (without --model)")
+    from .evaluation import evaluation_examples
+    from .patch import attention_shape
+
+    examples = _examples(args)
+    eval_examples = evaluation_examples(args.task, args.eval_data, fields=_fields(args), split=args.eval_split)
+    model, tokenizer = load_model(args.model, args.load_in_8bit, args.load_in_4bit, args.dtype, training=True)
+    rows, collator, _ = _dataset(args, examples, tokenizer)
+    # --lr is step 2's (the rate LoRA's is compared with), --select-lr step 1's; the seed is each run's.
+    select, default_k = _settings(argparse.Namespace(**{**vars(args), "learning_rate": args.select_lr}), "select",
+                                  model)
+    tune, _ = _settings(argparse.Namespace(**{**vars(args), "l1_lambda": None}), "tune", model)
+    shape = attention_shape(model)
+    head_counts = args.k or [_head_count(None, default_k, shape.num_layers * shape.num_heads)]
+    given = {"seeds": args.seeds, "families": args.methods, "lora_ranks": args.lora_ranks, "lora_lr": args.lora_lr,
+             "ia3_lr": args.ia3_lr}  # the others keep compare_on_model's defaults
+    compare.compare_on_model(
+        model, tokenizer, rows, collator, eval_examples, task=args.task, select_settings=select, tune_settings=tune,
+        head_counts=head_counts, output_dir=args.output_dir, training_args={"bf16": True} if args.bf16 else None,
+        backend=args.backend, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
+        chat_template=args.chat_template, **{name: value for name, value in given.items() if value is not None})
+
+
 # ----------------------------------------------------------------------------------------------
 # Argument parsing
 # ----------------------------------------------------------------------------------------------
 
-def _add_model_arguments(parser, task_required=True, data_required=True):
-    parser.add_argument("--model", required=True, help="local path or hub name of a causal LM")
+# The fields of sft / dpo data that --<name>-field renames.
+DATA_FIELDS = ("prompt", "completion", "chosen", "rejected")
+
+
+def _add_model_arguments(parser, task_required=True, data_required=True, model_required=True):
+    parser.add_argument("--model", required=model_required, help="local path or hub name of a causal LM")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--load-in-8bit", action="store_true", help="quantize the base with bitsandbytes LLM.int8")
     group.add_argument("--load-in-4bit", action="store_true", help="quantize the base with bitsandbytes NF4")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     if task_required is not None:
-        parser.add_argument("--task", required=task_required, choices=TASKS)
+        parser.add_argument("--task", required=task_required, choices=TASKS + tuple(TASK_ALIASES),
+                            help="sft / dpo: your own data (sft-jsonl / dpo-jsonl: their earlier names)")
     if data_required is not None:
-        parser.add_argument("--data", required=data_required, help="the task's data file")
+        parser.add_argument("--data", required=data_required,
+                            help="the task's data: a JSON-lines, JSON, CSV or parquet file, a directory written by "
+                                 "datasets' save_to_disk, or a Hugging Face Hub dataset name")
+        parser.add_argument("--split", help="the split of a save_to_disk DatasetDict or a Hub dataset (Hub: train)")
+        for name in DATA_FIELDS:
+            parser.add_argument(f"--{name}-field", help=f"the data's column that holds the {name} (sft / dpo)")
+        parser.add_argument("--chat-template", action="store_true",
+                            help="put each prompt in the tokenizer's chat template (loss still on the answer only)")
 
 
 def _add_training_arguments(parser):
@@ -270,8 +381,16 @@ def _add_training_arguments(parser):
     parser.add_argument("--k", type=_parse_k, help="heads to tune: a count, or a fraction of all heads")
     parser.add_argument("--gradient-accumulation-steps", type=int)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    parser.add_argument("--save-steps", type=int, help="write a checkpoint every N steps")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    precision.add_argument("--fp16", action="store_true", help="fp16 mixed precision with loss scaling (GPU)")
+    parser.add_argument("--save-steps", type=int, help="write a checkpoint (adapter and optimizer state) every N steps")
+    parser.add_argument("--train-size", dest="train_size", type=int,
+                        help="train on a seeded random subset of this many examples, 0 for all (default: the "
+                             "paper's: 300 for clutrr, all for the other tasks)")
+    parser.add_argument("--paper-model", choices=PAPER_MODELS,
+                        help="use the paper's settings for this model (default: the one with the model's shape, "
+                             "else llama-2-7b)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,20 +419,73 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="adapter directory written by `lofit tune`")
     evaluate.add_argument("--max-new-tokens", type=int, default=16)
     evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--zero-shot", action="store_true",
+                          help="TruthfulQA: score answers after the question alone, not TruthfulQA's six-shot QA "
+                               "primer (the paper's and TruthfulQA's default)")
 
     merge = commands.add_parser("merge", help="fold an adapter into the base and save the plain model")
     _add_model_arguments(merge, task_required=None, data_required=None)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output-dir", required=True)
+    merge.add_argument("--for", dest="engine", default="transformers", choices=ENGINES,
+                       help="the engine that will load the merged model: the offsets become o_proj biases, which "
+                            "only some engines build for some architectures; refused where they would be dropped")
 
-    bench = commands.add_parser("bench", help="kernel microbenchmark (or --e2e: training-step benchmark)",
+    export = commands.add_parser("export", help="write an adapter in another library's format")
+    _add_model_arguments(export, task_required=None, data_required=None)
+    export.add_argument("--adapter", required=True, help="adapter directory written by `lofit tune`")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="peft-lora: a PEFT LoRA adapter of o_proj that stock PeftModel.from_pretrained loads")
+    export.add_argument("--output-dir", required=True)
+
+    bench = commands.add_parser("bench", help="kernel microbenchmark (or --e2e: training-step benchmark; --static: "
+                                              "compiled-code report and bandwidth prediction for a GPU target)",
                                 add_help=False)
     bench.add_argument("--e2e", action="store_true")
+    bench.add_argument("--static", action="store_true")
 
     demo = commands.add_parser("demo", help="the whole method on a built-in task and model, on CPU")
     demo.add_argument("--output-dir", default="lofit_demo")
     demo.add_argument("--quick", action="store_true", help="a much smaller budget (a smoke run)")
     demo.add_argument("--seed", type=int, default=0)
+
+    from .benchmark import comma_list
+    from .compare import FAMILIES
+
+    compare = commands.add_parser(
+        "compare", help="LoFiT against random and probed heads, LoRA and IA3, with parameter counts, over seeds: "
+                        "on the demo's task (default, CPU) or on your model (--model)")
+    _add_model_arguments(compare, task_required=False, data_required=False, model_required=False)
+    compare.add_argument("--eval-data", help="your model: the held-out data the rows are scored on (exact match)")
+    compare.add_argument("--eval-split", help="the split of --eval-data, as --split")
+    compare.add_argument("--output-dir", default="lofit_compare", help="where compare.json and compare.png go")
+    compare.add_argument("--seeds", type=comma_list(convert=int), help="seeds, e.g. 0,1,2 (default: 0,1,2; --quick: 0,1)")
+    compare.add_argument("--quick", action="store_true", help="the demo's comparison on a much smaller budget (smoke)")
+    compare.add_argument("--workers", type=int,
+                         help="the demo's comparison: processes running its jobs, one thread each (default: the "
+                              "cores, at most 2)")
+    compare.add_argument("--methods", type=comma_list(valid=FAMILIES),
+                         help=f"your model: rows among {', '.join(FAMILIES)} (default: lofit,random,lora-o_proj,"
+                              f"lora-qv)")
+    compare.add_argument("--k", type=comma_list(convert=_parse_k),
+                         help="your model: K of the head rows, counts or fractions of all heads, e.g. 0.01,0.03,0.1 "
+                              "(default: the paper's K)")
+    compare.add_argument("--lora-ranks", type=comma_list(convert=int), help="your model: LoRA ranks (default: 1,2,8)")
+    compare.add_argument("--lora-lr", type=float, help="your model: LoRA's learning rate (default: 2e-4)")
+    compare.add_argument("--ia3-lr", type=float, help="your model: IA3's learning rate (default: 3e-3)")
+    compare.add_argument("--lr", dest="learning_rate", type=float, help="your model: step 2's learning rate "
+                                                                         "(default: the paper's)")
+    compare.add_argument("--select-lr", type=float, help="your model: step 1's learning rate (default: the paper's)")
+    compare.add_argument("--l1-lambda", dest="l1_lambda", type=float)
+    compare.add_argument("--epochs", dest="num_train_epochs", type=float, help="every row's epochs (default: the "
+                                                                                 "paper's)")
+    compare.add_argument("--batch-size", dest="per_device_train_batch_size", type=int)
+    compare.add_argument("--train-size", dest="train_size", type=int)
+    compare.add_argument("--paper-model", choices=PAPER_MODELS)
+    compare.add_argument("--max-length", type=int, default=512)
+    compare.add_argument("--max-new-tokens", type=int, default=16)
+    compare.add_argument("--eval-batch-size", type=int, default=16)
+    compare.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     return parser
 
 
@@ -325,7 +497,10 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    commands = {"select": cmd_select, "tune": cmd_tune, "eval": cmd_eval, "merge": cmd_merge, "demo": cmd_demo}
+    if getattr(args, "task", None):
+        args.task = canonical_task(args.task)  # "sft-jsonl" / "dpo-jsonl": the earlier names of "sft" / "dpo"
+    commands = {"select": cmd_select, "tune": cmd_tune, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export,
+                "demo": cmd_demo, "compare": cmd_compare}
     try:
         if args.command == "bench":
             return cmd_bench(args, extra) or 0

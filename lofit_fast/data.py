@@ -1,31 +1,41 @@
-"""Task data: read the paper's three tasks (and generic JSON lines), tokenize, and batch.
+"""Task data: read the paper's three tasks and your own, tokenize (optionally through a chat template), and batch.
 
     examples = load_task("clutrr", "train.json")          # [{"prompt", "completion", "answers"}, ...]
+    examples = load_task("sft", "my_data.parquet", fields={"prompt": "question", "completion": "answer"})
     rows = [tokenize_sft(example, tokenizer, max_length=512) for example in examples]
     batch = SFTCollator(tokenizer.pad_token_id)(rows[:8])  # input_ids / attention_mask / labels
+    subset = training_subset(examples, 300, seed=42)       # the paper's seeded CLUTRR training subset
 
-Supervised tasks (clutrr, mquake, sft-jsonl) give `{"prompt", "completion", "answers"}`: `completion` is
-what training targets, `answers` every string that exact-match evaluation accepts. Preference tasks
-(truthfulqa, dpo-jsonl) give `{"prompt", "chosen", "rejected"}`. The prompt shapes are the LoFiT reference
-code's (fc2869/lo-fit, utils/dataloaders.py); each loader's docstring says where we depart from it.
+Sources: a JSON-lines, JSON, CSV or parquet file; a directory written by `datasets`' `save_to_disk`; a
+`datasets.Dataset`; or the name of a dataset on the Hugging Face Hub (`split=` picks the split of a
+DatasetDict or a Hub dataset). `fields` renames: {the task's field: your column}.
 
-Malformed input raises ValueError naming the file, the line (1-based; for a JSON list, the item index
-counted from 0) and the field, and what was expected there.
+Supervised tasks (clutrr, mquake, sft) give `{"prompt", "completion", "answers"}`: `completion` is what
+training targets, `answers` every string that exact-match evaluation accepts. Preference tasks (truthfulqa,
+dpo) give `{"prompt", "chosen", "rejected"}`. The prompt shapes are the LoFiT reference code's (fc2869/lo-fit,
+utils/dataloaders.py); each loader's docstring says where we depart from it.
+
+Malformed input raises ValueError naming the source, the row (a file's line, 1-based; for a JSON list or a
+dataset, the item index counted from 0) and the field, and what was expected there.
 """
 
 import ast
 import csv
 import json
 import os
+import random
+import warnings
 from typing import Optional
 
 import torch
 
 from .losses import IGNORE_INDEX
 
-SFT_TASKS = ("clutrr", "mquake", "sft-jsonl")
-PREFERENCE_TASKS = ("truthfulqa", "dpo-jsonl")
+SFT_TASKS = ("clutrr", "mquake", "sft")
+PREFERENCE_TASKS = ("truthfulqa", "dpo")
 TASKS = SFT_TASKS + PREFERENCE_TASKS
+# Earlier names of the generic tasks, from when they read JSON lines only; still accepted.
+TASK_ALIASES = {"sft-jsonl": "sft", "dpo-jsonl": "dpo"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,32 +43,42 @@ TASKS = SFT_TASKS + PREFERENCE_TASKS
 # ----------------------------------------------------------------------------------------------
 
 class _Record:
-    """One row of a data file and where it came from ("line 7", "item 3"), for error messages."""
+    """One row of a data source and where it came from ("line 7", "item 3"), for error messages. `fields`
+    maps the names the loaders ask for to the row's own column names."""
 
-    def __init__(self, path: str, where: str, row):
-        self.path, self.where, self.row = path, where, row
+    def __init__(self, path: str, where: str, row, fields: Optional[dict] = None):
+        self.path, self.where, self.row, self.fields = path, where, row, fields or {}
 
     def fail(self, message: str):
         raise ValueError(f"{self.path}, {self.where}: {message}")
 
+    def column(self, name: str) -> str:
+        """The row's column that holds the loader's field `name`."""
+        return self.fields.get(name, name)
+
+    def has(self, name: str) -> bool:
+        return isinstance(self.row, dict) and self.column(name) in self.row
+
     def field(self, name: str, expected: str = "a non-empty string", kind=str):
-        """row[name], checked to be a `kind` (non-empty when it is a string)."""
+        """The field `name` (column `fields.get(name, name)`), checked to be a `kind` (non-empty when a string)."""
+        column = self.column(name)
+        label = repr(column) if column == name else f"{column!r} (the {name} field)"
         if not isinstance(self.row, dict):
-            self.fail(f"expected a JSON object with field {name!r}, got {type(self.row).__name__}")
-        if name not in self.row:
-            self.fail(f"missing field {name!r} (expected {expected})")
-        value = self.row[name]
+            self.fail(f"expected a JSON object with field {label}, got {type(self.row).__name__}")
+        if column not in self.row:
+            self.fail(f"missing field {label} (expected {expected})")
+        value = self.row[column]
         if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
-            self.fail(f"field {name!r} is {_describe(value)}; expected {expected}")
+            self.fail(f"field {label} is {_describe(value)}; expected {expected}")
         return value
 
     def string_list(self, name: str, required: bool = True) -> list:
-        """row[name] as a list of non-empty strings ([] when absent and not required)."""
-        if not required and isinstance(self.row, dict) and name not in self.row:
+        """The field `name` as a list of non-empty strings ([] when absent and not required)."""
+        if not required and not self.has(name):
             return []
         values = self.field(name, "a list of non-empty strings", list)
         if not all(isinstance(value, str) and value.strip() for value in values):
-            self.fail(f"field {name!r} holds {_describe(values)}; expected a list of non-empty strings")
+            self.fail(f"field {self.column(name)!r} holds {_describe(values)}; expected a list of non-empty strings")
         return values
 
 
@@ -67,12 +87,103 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
+def read_records(source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
+    """The rows of `source`, each with its location for error messages: a JSON-lines / JSON file (a `.jsonl`
+    file is JSON lines, any other a JSON list when it starts with '['), a CSV file with a header, a parquet
+    file, a directory written by `datasets`' `save_to_disk`, a `datasets.Dataset`, or a Hugging Face Hub
+    dataset name. `split` picks the split of a saved DatasetDict or of a Hub dataset (default "train")."""
+    if _is_dataset(source):
+        if hasattr(source, "keys"):  # a DatasetDict
+            source = _pick_split(source, split, f"the {type(source).__name__} given")
+        return _dataset_records(source, f"the {type(source).__name__} given", fields)
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return _dataset_records(_load_from_disk(path, split), path, fields)
+    if split is not None and os.path.isfile(path):
+        raise ValueError(f"split={split!r} applies to a datasets directory or a Hub dataset; {path} is a file, "
+                         f"which is one split already")
+    if os.path.isfile(path) and path.lower().endswith(".csv"):
+        return read_csv_records(path, fields)
+    if os.path.isfile(path) and path.lower().endswith(".parquet"):
+        return _dataset_records(_read_parquet(path), path, fields)
+    if os.path.isfile(path) or not _looks_like_hub_name(path):
+        return read_json_records(path, fields)
+    return _dataset_records(_load_hub_dataset(path, split), f"{path} (Hugging Face Hub)", fields)
+
+
+def _is_dataset(source) -> bool:
+    return type(source).__module__.startswith("datasets.") and hasattr(source, "column_names")
+
+
+def _looks_like_hub_name(text: str) -> bool:
+    """'name' or 'owner/name', without a data file's suffix or a path's leading '.', '/' or '~'."""
+    parts = text.split("/")
+    return (0 < len(parts) <= 2 and all(part and part[0] not in ".~" for part in parts)
+            and not text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")))
+
+
+def _dataset_records(dataset, where: str, fields: Optional[dict]) -> list:
+    if len(dataset) == 0:
+        raise ValueError(f"{where} has no rows")
+    return [_Record(where, f"row {index} (counted from 0)", dict(row), fields) for index, row in enumerate(dataset)]
+
+
+def _load_from_disk(path: str, split: Optional[str]):
+    """The Dataset saved in `path` by `save_to_disk` (a DatasetDict's `split`)."""
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json")):
+        saved = sorted(name for name in os.listdir(path)
+                       if os.path.isfile(os.path.join(path, name, "state.json")))
+        hint = (f"; its subdirectories {saved} were written by save_to_disk: give one of them" if saved else
+                f", or a directory written by datasets' save_to_disk")
+        raise ValueError(f"{path} is a directory; give the data file itself (e.g. "
+                         f"{os.path.join(path, 'train.json')}){hint}")
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as error:  # datasets raises several types for a damaged directory
+        raise ValueError(f"{path} could not be read with datasets.load_from_disk ({type(error).__name__}: "
+                         f"{error})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        return _pick_split(loaded, split, path)
+    if split is not None:
+        raise ValueError(f"split={split!r} was given, but {path} holds a single dataset, not a DatasetDict")
+    return loaded
+
+
+def _pick_split(dataset_dict, split: Optional[str], where: str):
+    splits = list(dataset_dict)
+    if split is None and len(splits) == 1:
+        return dataset_dict[splits[0]]
+    if split not in dataset_dict:
+        asked = "no split was given" if split is None else f"there is no split {split!r}"
+        raise ValueError(f"{where} holds the splits {splits} and {asked}; choose one (split=..., --split ...)")
+    return dataset_dict[split]
+
+
+def _read_parquet(path: str):
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow's ArrowInvalid and OSError for damaged files
+        raise ValueError(f"{path} is not a readable parquet file ({type(error).__name__}: {error})") from None
+
+
+def _load_hub_dataset(name: str, split: Optional[str]):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as error:  # offline, unknown name, no such split, ...
+        raise ValueError(f"there is no file or directory {name!r}, and loading it as a Hugging Face Hub dataset "
+                         f"(split {split or 'train'!r}) failed: {type(error).__name__}: {error}") from None
+
+
 def _open_text(path) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no data file at {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; give the data file itself (e.g. {os.path.join(path, 'train.json')})")
     with open(path, encoding="utf-8-sig") as file:  # -sig: tolerate a byte-order mark
         text = file.read()
     if not text.strip():
@@ -84,7 +195,7 @@ def _expected_format(path: str) -> str:
     return "a CSV file with a header row" if path.endswith(".csv") else "JSON lines or a JSON list of objects"
 
 
-def read_json_records(path) -> list:
+def read_json_records(path, fields: Optional[dict] = None) -> list:
     """The objects of a JSON-lines file (blank lines skipped) or of a JSON list. A `.jsonl` file is JSON
     lines; any other is a JSON list when its first character is '['. Each object comes with its location
     for error messages."""
@@ -96,7 +207,7 @@ def read_json_records(path) -> list:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}); "
                              f"expected a JSON list of objects") from None
-        return [_Record(path, f"item {index} (counted from 0)", item) for index, item in enumerate(items)]
+        return [_Record(path, f"item {index} (counted from 0)", item, fields) for index, item in enumerate(items)]
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -106,28 +217,38 @@ def read_json_records(path) -> list:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno}); "
                              f"expected one JSON object per line") from None
-        records.append(_Record(path, f"line {number}", row))
+        records.append(_Record(path, f"line {number}", row, fields))
     return records
 
 
-def read_csv_records(path, columns: tuple) -> list:
-    """The rows of a CSV file with a header, each checked to have `columns`; line numbers are the file's
-    (the header is line 1; a quoted cell may span lines, so a row is named by the line it starts on)."""
+def read_csv_records(path, fields: Optional[dict] = None) -> list:
+    """The rows of a CSV file with a header; line numbers are the file's (the header is line 1; a quoted cell
+    may span lines, so a row is named by the line it starts on)."""
     path = os.fspath(path)
     text = _open_text(path)
     reader = csv.DictReader(text.splitlines(keepends=True))
-    header = reader.fieldnames or []
-    missing = [column for column in columns if column not in header]
-    if missing:
-        raise ValueError(f"{path}, line 1: the header lacks column(s) {', '.join(map(repr, missing))}; "
-                         f"expected columns {', '.join(map(repr, columns))} (found {header})")
+    reader.fieldnames  # reads the header, so that line_num counts from it
     records, next_line = [], reader.line_num + 1
     for row in reader:
-        records.append(_Record(path, f"line {next_line}", row))
+        records.append(_Record(path, f"line {next_line}", row, fields))
         next_line = reader.line_num + 1
     if not records:
         raise ValueError(f"{path} has a header but no rows")
     return records
+
+
+def require_columns(records: list, names: tuple) -> None:
+    """ValueError unless the first row of a table (CSV, parquet, dataset) has the columns of the fields
+    `names` (renamed by the records' `fields`)."""
+    first = records[0]
+    if not isinstance(first.row, dict):
+        return
+    missing = [first.column(name) for name in names if not first.has(name)]
+    if missing:
+        expected = ", ".join(repr(first.column(name)) for name in names)
+        where = "line 1: the header" if first.path.lower().endswith(".csv") else "the table"
+        raise ValueError(f"{first.path}, {where} lacks column(s) {', '.join(map(repr, missing))}; expected "
+                         f"columns {expected} (found {list(first.row)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +264,8 @@ MQUAKE_TEMPLATE = "Q: Imagine that {edited_fact}. {question} A:"
 TRUTHFULQA_TEMPLATE = "Q: {question} A:"
 
 
-def load_clutrr(path) -> list:
-    """CLUTRR (a JSON list of stories). Prompt: the reference code's template, ending in "... Answer:
+def load_clutrr(source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
+    """CLUTRR (the paper's is a JSON list of stories; any source of `read_records`). Prompt: the reference code's template, ending in "... Answer:
     {second} is {first} 's" and a newline; completion and only answer: `target_text`, the relation word
     (e.g. "nephew": {second} is {first}'s nephew).
 
@@ -153,8 +274,8 @@ def load_clutrr(path) -> list:
     whose split kept a leading space on the second name, the names are stripped.
     """
     examples = []
-    for record in read_json_records(path):
-        story_field = "clean_story" if isinstance(record.row, dict) and "clean_story" in record.row else "story"
+    for record in read_records(source, fields, split):
+        story_field = "clean_story" if record.has("clean_story") else "story"
         story = record.field(story_field).replace("[", "").replace("]", "")
         first, second = _clutrr_query(record)
         relation = record.field("target_text", "the relation word, a non-empty string").strip()
@@ -170,12 +291,14 @@ def _clutrr_query(record: _Record) -> tuple:
     except (ValueError, SyntaxError):
         names = None
     if not (isinstance(names, tuple) and len(names) == 2 and all(isinstance(n, str) and n.strip() for n in names)):
-        record.fail(f"field 'query' is {text!r}; expected a pair of names written \"('first', 'second')\"")
+        record.fail(f"field {record.column('query')!r} is {text!r}; expected a pair of names written "
+                    f"\"('first', 'second')\"")
     return names[0].strip(), names[1].strip()
 
 
-def load_mquake(path, all_questions: bool = False) -> list:
-    """MQuAKE (JSON lines, one counterfactual edit per line).
+def load_mquake(source, all_questions: bool = False, fields: Optional[dict] = None,
+                split: Optional[str] = None) -> list:
+    """MQuAKE (the paper's is JSON lines, one counterfactual edit per line; any source of `read_records`).
 
     Prompt: "Q: Imagine that {edited fact}. {question} A:", the edited fact being
     `requested_rewrite[0]["prompt"]` filled with its `subject`, a space, and `target_new.str`.
@@ -187,7 +310,7 @@ def load_mquake(path, all_questions: bool = False) -> list:
     splits has exactly one requested rewrite per case; the first is used, as in the reference.
     """
     examples = []
-    for record in read_json_records(path):
+    for record in read_records(source, fields, split):
         rewrites = record.field("requested_rewrite", "a non-empty list of rewrites", list)
         if not rewrites or not isinstance(rewrites[0], dict):
             record.fail(f"field 'requested_rewrite' is {_describe(rewrites)}; expected a non-empty list of "
@@ -217,53 +340,72 @@ def _mquake_edited_fact(record: _Record, rewrite: dict) -> str:
 
 
 TRUTHFULQA_COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
+# The same fields in the Hugging Face Hub's TruthfulQA ("generation" configuration), answers as lists.
+TRUTHFULQA_HUB_FIELDS = {"Question": "question", "Best Answer": "best_answer", "Correct Answers": "correct_answers",
+                         "Incorrect Answers": "incorrect_answers"}
 
 
-def _split_answers(record: _Record, column: str) -> list:
-    """A TruthfulQA cell of '; '-separated answers as a list (blank parts dropped)."""
-    answers = [answer.strip() for answer in (record.row.get(column) or "").split(";") if answer.strip()]
+def _truthfulqa_records(source, columns: tuple, fields: Optional[dict], split: Optional[str]) -> list:
+    """TruthfulQA's rows, with the CSV's column names or, where a table has those instead, the Hub's."""
+    records = read_records(source, fields, split)
+    if fields is None and not records[0].has("Question") and isinstance(records[0].row, dict) \
+            and all(hub in records[0].row for hub in TRUTHFULQA_HUB_FIELDS.values()):
+        for record in records:
+            record.fields = TRUTHFULQA_HUB_FIELDS
+    require_columns(records, columns)
+    return records
+
+
+def _split_answers(record: _Record, name: str) -> list:
+    """A TruthfulQA field of answers: a '; '-separated cell, or a list; blank parts dropped."""
+    value = record.row.get(record.column(name))
+    parts = value if isinstance(value, list) else (value or "").split(";")
+    answers = [answer.strip() for answer in parts if isinstance(answer, str) and answer.strip()]
     if not answers:
-        record.fail(f"column {column!r} is empty; expected one or more answers separated by '; '")
+        record.fail(f"column {record.column(name)!r} is empty; expected one or more answers separated by '; '")
     return answers
 
 
-def _cell(record: _Record, column: str) -> str:
-    value = (record.row.get(column) or "").strip()
+def _cell(record: _Record, name: str) -> str:
+    value = record.row.get(record.column(name))
+    value = value.strip() if isinstance(value, str) else ""
     if not value:
-        record.fail(f"column {column!r} is empty; expected text")
+        record.fail(f"column {record.column(name)!r} is empty; expected text")
     return value
 
 
-def load_truthfulqa_pairs(path) -> list:
-    """TruthfulQA preference pairs (CSV with Question, Best Answer, Incorrect Answers, '; '-separated).
+def load_truthfulqa_pairs(source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
+    """TruthfulQA preference pairs (the paper's CSV with Question, Best Answer, Incorrect Answers,
+    '; '-separated; or any source of `read_records`, also with the Hub dataset's column names).
 
     Prompt "Q: {question} A:". One pair per question, as the reference code builds them: chosen = the best
     answer, rejected = the first incorrect answer. (The reference pairs its chosen list, which holds the
     best answer only, with the incorrect answers and cuts both to the shorter length.)
     """
     examples = []
-    for record in read_csv_records(path, ("Question", "Best Answer", "Incorrect Answers")):
+    for record in _truthfulqa_records(source, ("Question", "Best Answer", "Incorrect Answers"), fields, split):
         prompt = TRUTHFULQA_TEMPLATE.format(question=_cell(record, "Question"))
         examples.append({"prompt": prompt, "chosen": _cell(record, "Best Answer"),
                          "rejected": _split_answers(record, "Incorrect Answers")[0]})
     return examples
 
 
-def load_truthfulqa_mc(path) -> list:
-    """TruthfulQA for MC1/MC2: `{"prompt", "best", "correct", "incorrect"}` per question.
+def load_truthfulqa_mc(source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
+    """TruthfulQA for MC1/MC2: `{"question", "prompt", "best", "correct", "incorrect"}` per question.
 
     As TruthfulQA's own evaluation does (`format_best`, `split_multi_answer`), every answer ends with a
     period (one is added where missing), and `correct` holds the best answer (put first if the
     Correct Answers cell lacks it).
     """
     examples = []
-    for record in read_csv_records(path, TRUTHFULQA_COLUMNS):
+    for record in _truthfulqa_records(source, TRUTHFULQA_COLUMNS, fields, split):
         best = _close(_cell(record, "Best Answer"))
         correct = [_close(answer) for answer in _split_answers(record, "Correct Answers")]
         if best not in correct:
             correct.insert(0, best)
-        examples.append({"prompt": TRUTHFULQA_TEMPLATE.format(question=_cell(record, "Question")), "best": best,
-                         "correct": correct,
+        question = _cell(record, "Question")
+        examples.append({"question": question, "prompt": TRUTHFULQA_TEMPLATE.format(question=question),
+                         "best": best, "correct": correct,
                          "incorrect": [_close(answer) for answer in _split_answers(record, "Incorrect Answers")]})
     return examples
 
@@ -272,11 +414,12 @@ def _close(answer: str) -> str:
     return answer if answer.endswith(".") else answer + "."
 
 
-def load_sft_jsonl(path) -> list:
-    """Generic supervised data: JSON lines (or a JSON list) of `{"prompt", "completion"}`, with an optional
-    `answers` list of strings that evaluation accepts (default: the completion)."""
+def load_sft(source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
+    """Your supervised data: rows of `{"prompt", "completion"}` from any source of `read_records` (columns
+    renamed by `fields`), with an optional `answers` list of strings that evaluation accepts (default: the
+    completion)."""
     examples = []
-    for record in read_json_records(path):
+    for record in read_records(source, fields, split):
         prompt = record.field("prompt")
         completion = record.field("completion")
         answers = record.string_list("answers", required=False) or [completion]
@@ -284,57 +427,139 @@ def load_sft_jsonl(path) -> list:
     return examples
 
 
-def load_dpo_jsonl(path) -> list:
-    """Generic preference data: JSON lines (or a JSON list) of `{"prompt", "chosen", "rejected"}`."""
+def load_dpo(source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
+    """Your preference data: rows of `{"prompt", "chosen", "rejected"}` from any source of `read_records`
+    (columns renamed by `fields`)."""
     return [{"prompt": record.field("prompt"), "chosen": record.field("chosen"),
-             "rejected": record.field("rejected")} for record in read_json_records(path)]
+             "rejected": record.field("rejected")} for record in read_records(source, fields, split)]
 
 
-LOADERS = {"clutrr": load_clutrr, "mquake": load_mquake, "truthfulqa": load_truthfulqa_pairs,
-           "sft-jsonl": load_sft_jsonl, "dpo-jsonl": load_dpo_jsonl}
+LOADERS = {"clutrr": load_clutrr, "mquake": load_mquake, "truthfulqa": load_truthfulqa_pairs, "sft": load_sft,
+           "dpo": load_dpo}
+# The fields each task reads, which `fields` may rename.
+TASK_FIELDS = {"clutrr": ("clean_story", "story", "query", "target_text"),
+               "mquake": ("requested_rewrite", "questions", "new_answer", "new_answer_alias"),
+               "truthfulqa": TRUTHFULQA_COLUMNS, "sft": ("prompt", "completion", "answers"),
+               "dpo": ("prompt", "chosen", "rejected")}
 
 
-def load_task(task: str, path) -> list:
-    """The examples of `task` read from `path`: `{"prompt", "completion", "answers"}` for clutrr, mquake
-    and sft-jsonl, `{"prompt", "chosen", "rejected"}` for truthfulqa and dpo-jsonl."""
+def training_subset(examples: list, size: Optional[int], seed: int) -> list:
+    """`size` examples drawn with `random.Random(seed).sample`, in the order drawn; all of them (the list
+    itself) when `size` is None or 0. This is the paper's `--train_size` draw: lofit_trainer.py seeds Python's
+    `random` with `--seed` and the loader calls `random.sample(train, train_size)` before anything else
+    draws from it. A size above the number of examples keeps them all, with a warning."""
+    if not size:
+        return examples
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"train_size must be a number of examples (0 or None: all of them), not {size!r}")
+    if size >= len(examples):
+        if size > len(examples):
+            warnings.warn(f"train_size={size} but there are only {len(examples)} training examples: all are used",
+                          stacklevel=2)
+        return examples
+    # Drawn as indices, the same draw as sampling the list itself, so any sequence (a datasets.Dataset) works.
+    return [examples[index] for index in random.Random(seed).sample(range(len(examples)), size)]
+
+
+def canonical_task(task: str) -> str:
+    """The task's name ("sft-jsonl" and "dpo-jsonl" are the earlier names of "sft" and "dpo"); ValueError for
+    an unknown one."""
+    task = TASK_ALIASES.get(task, task)
     if task not in LOADERS:
         raise ValueError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
-    return LOADERS[task](path)
+    return task
+
+
+def load_task(task: str, source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
+    """The examples of `task` read from `source`: `{"prompt", "completion", "answers"}` for clutrr, mquake
+    and sft, `{"prompt", "chosen", "rejected"}` for truthfulqa and dpo.
+
+    Args:
+        task: "clutrr", "mquake", "truthfulqa", "sft" or "dpo".
+        source: a JSON-lines / JSON / CSV / parquet file, a `save_to_disk` directory, a `datasets.Dataset`,
+            or a Hugging Face Hub dataset name (see `read_records`).
+        fields: {the task's field: your column}, e.g. {"prompt": "question", "completion": "answer"}; the
+            task's fields are in `TASK_FIELDS`.
+        split: the split of a saved DatasetDict or of a Hub dataset (Hub default: "train").
+    """
+    task = canonical_task(task)
+    if fields:
+        unknown = sorted(set(fields) - set(TASK_FIELDS[task]))
+        if unknown:
+            raise ValueError(f"task {task!r} has no field(s) {unknown} to rename; its fields are "
+                             f"{list(TASK_FIELDS[task])}")
+    return LOADERS[task](source, fields=fields or None, split=split)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenization
 # ----------------------------------------------------------------------------------------------
 
-def _prompt_and_completion_ids(prompt: str, completion: str, tokenizer) -> tuple:
+def chat_prompt(prompt: str, tokenizer) -> str:
+    """`prompt` as the user's turn of the tokenizer's chat template, up to where the assistant's answer
+    starts (`add_generation_prompt=True`). ValueError when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template (tokenizer.chat_template is None); "
+                         f"leave chat templates off (--chat-template) for this tokenizer, or use the tokenizer of "
+                         f"a chat model")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_completion(prompt: str, completion: str, tokenizer) -> str:
+    """What the chat template writes after `chat_prompt(prompt)` for the assistant's turn `completion`: the
+    answer and the template's end of turn."""
+    head = chat_prompt(prompt, tokenizer)
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": completion}], tokenize=False)
+    if not whole.startswith(head):
+        raise ValueError("the tokenizer's chat template writes the user's turn differently when an answer follows "
+                         "it, so where the answer starts is not known; train without --chat-template")
+    return whole[len(head):]
+
+
+def _prompt_and_completion_ids(prompt: str, completion: str, tokenizer, chat_template: bool = False,
+                               end_turn: bool = True) -> tuple:
     """Token ids of the prompt (with the tokenizer's special prefix, e.g. BOS) and of the completion.
 
-    The completion is preceded by a space unless the prompt ends in whitespace. The prompt is tokenized
-    on its own, exactly as generation will see it, so the prompt/answer boundary is exact. The
-    completion's ids are the tail of the tokenized whole when that whole starts with the prompt's ids
-    (the usual case): this is how the answer tokenizes after the prompt, and it avoids the stray
-    word-start token that tokenizing " answer" alone gives with SentencePiece tokenizers (Llama, Gemma).
-    When a token straddles the boundary (e.g. a prompt ending in a space that the answer's first word
-    absorbs), the completion is tokenized on its own instead.
+    With `chat_template`, the prompt is the user's turn of the tokenizer's chat template and the completion the
+    assistant's turn (`chat_prompt`, `chat_completion`; with `end_turn=False` the answer alone, the turn left
+    open); the template writes its own special tokens, so the tokenizer adds none.
+
+    The text is `prompt + completion`, with nothing put between them, as the paper trains (MQuAKE's text is
+    prompt + answer, TRL's DPOTrainer tokenizes prompt + chosen) and as TRL joins prompt-completion data:
+    a separator belongs in the data ("Q: ... A:" + "Rome" trains "A:Rome"). The prompt is tokenized on its
+    own, exactly as generation will see it, so the prompt/answer boundary is exact. The completion's ids
+    are the tail of the tokenized whole when that whole starts with the prompt's ids (the usual case): this
+    is how the answer tokenizes after the prompt, and it avoids the stray word-start token that tokenizing
+    " answer" alone gives with SentencePiece tokenizers (Llama, Gemma). When a token straddles the boundary
+    (e.g. a prompt ending in a space that the answer's first word absorbs), the completion is tokenized on
+    its own instead.
     """
-    text = completion if not prompt or prompt[-1].isspace() else " " + completion
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    whole_ids = tokenizer(prompt + text)["input_ids"]
+    special = not chat_template
+    if chat_template:
+        completion = chat_completion(prompt, completion, tokenizer) if end_turn else completion
+        prompt = chat_prompt(prompt, tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    whole_ids = tokenizer(prompt + completion, add_special_tokens=special)["input_ids"]
     if whole_ids[:len(prompt_ids)] == prompt_ids and len(whole_ids) > len(prompt_ids):
         return list(prompt_ids), list(whole_ids[len(prompt_ids):])
-    return list(prompt_ids), list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(prompt_ids), list(tokenizer(completion, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_sft(example: dict, tokenizer, max_length: int, add_eos: bool = True) -> dict:
+def tokenize_sft(example: dict, tokenizer, max_length: int, add_eos: bool = True, chat_template: bool = False) -> dict:
     """`{"input_ids", "labels"}` (lists of ints) for prompt + completion; labels are -100 on the prompt.
 
     The completion ends with the tokenizer's EOS (`add_eos=False` leaves it off, for scoring answers).
-    Longer than `max_length`: tokens are cut from the left of the prompt (after a leading BOS, which is
-    kept), never from the answer; ValueError when the answer alone leaves no room for a prompt token.
+    With `chat_template`, prompt and completion are the user's and the assistant's turns of the tokenizer's
+    chat template, the loss still on the answer only; the template's end of turn takes the place of the EOS
+    (and is left off with `add_eos=False`). Longer than `max_length`: tokens are cut from the left of the prompt (after a leading BOS, which
+    is kept), never from the answer; ValueError when the answer alone leaves no room for a prompt token.
     """
-    prompt_ids, completion_ids = _prompt_and_completion_ids(example["prompt"], example["completion"], tokenizer)
+    prompt_ids, completion_ids = _prompt_and_completion_ids(example["prompt"], example["completion"], tokenizer,
+                                                            chat_template, end_turn=add_eos)
     eos = tokenizer.eos_token_id
-    if add_eos and eos is not None and completion_ids[-1:] != [eos]:
+    if add_eos and not chat_template and eos is not None and completion_ids[-1:] != [eos]:
         completion_ids.append(eos)
     keep = max_length - len(completion_ids)
     if keep < 1:
@@ -348,12 +573,13 @@ def tokenize_sft(example: dict, tokenizer, max_length: int, add_eos: bool = True
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
 
 
-def tokenize_preference(example: dict, tokenizer, max_length: int) -> dict:
+def tokenize_preference(example: dict, tokenizer, max_length: int, chat_template: bool = False) -> dict:
     """`{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}`, each side built by
     `tokenize_sft` from the shared prompt."""
     row = {}
     for side in ("chosen", "rejected"):
-        encoded = tokenize_sft({"prompt": example["prompt"], "completion": example[side]}, tokenizer, max_length)
+        encoded = tokenize_sft({"prompt": example["prompt"], "completion": example[side]}, tokenizer, max_length,
+                               chat_template=chat_template)
         row[f"{side}_input_ids"], row[f"{side}_labels"] = encoded["input_ids"], encoded["labels"]
     return row
 

@@ -18,6 +18,9 @@ then runs LoFiT:
 and prints held-out accuracy for the base, LoFiT's heads and the random heads, plus how far the
 step-1 scores of the top heads stand above the median (a flat ranking means step 1 did not localize).
 Everything is measured on this run; nothing is tuned to make LoFiT look good.
+
+`adaptation_data(settings, seed, means=...)` builds the same task with the new word meaning any of the base's
+skills; `lofit compare` (`compare.py`) sets LoFiT against its baselines on this base and these tasks.
 """
 
 import contextlib
@@ -29,6 +32,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
@@ -124,11 +128,14 @@ def vocabulary(settings: DemoSettings) -> list[str]:
 
 
 def make_examples(instruction: str, count: int, rng: random.Random, settings: DemoSettings,
-                  exclude: frozenset = frozenset()) -> list[ListExample]:
+                  exclude: frozenset = frozenset(), means: Optional[str] = None) -> list[ListExample]:
     """`count` prompts for `instruction` (an instruction word or NEW_WORD), each a list of distinct items;
-    the answer is the item the instruction names, so it is correct by construction. Prompts in
-    `exclude` are skipped (to keep training and held-out data apart)."""
-    position = SKILLS[NEW_WORD_MEANS][0] if instruction == NEW_WORD else INSTRUCTION_POSITIONS[instruction]
+    the answer is the item the instruction names, so it is correct by construction. `means` is the skill
+    (a key of SKILLS) the instruction stands for: by default its own, and NEW_WORD_MEANS for NEW_WORD. Prompts
+    in `exclude` are skipped (to keep training and held-out data apart)."""
+    if means is None and instruction == NEW_WORD:
+        means = NEW_WORD_MEANS
+    position = SKILLS[means][0] if means else INSTRUCTION_POSITIONS[instruction]
     words = item_words(settings)
     examples = []
     while len(examples) < count:
@@ -137,6 +144,15 @@ def make_examples(instruction: str, count: int, rng: random.Random, settings: De
         if prompt not in exclude:
             examples.append(ListExample(prompt, items[position]))
     return examples
+
+
+def adaptation_data(settings: DemoSettings, seed: int, means: str = NEW_WORD_MEANS) -> tuple[list, list]:
+    """(training examples, held-out examples) of the task "NEW_WORD means `means`". The held-out prompts are
+    the same for every seed (drawn with EVAL_SEED); `seed` draws the training prompts, none of them held out."""
+    held_out = make_examples(NEW_WORD, settings.eval_examples, random.Random(EVAL_SEED), settings, means=means)
+    train = make_examples(NEW_WORD, settings.train_examples, random.Random(seed), settings,
+                          exclude=frozenset(example.prompt for example in held_out), means=means)
+    return train, held_out
 
 
 def build_tokenizer(settings: DemoSettings):
@@ -282,8 +298,27 @@ TRAINER_OVERRIDES = {
 }
 
 
+def trainer_arguments(scratch: str) -> dict:
+    """The `training_args` overrides of every demo run: TRAINER_OVERRIDES, and `scratch` as Trainer's output
+    directory (Trainer wants one; with saving off nothing lands there)."""
+    return {**TRAINER_OVERRIDES, "output_dir": scratch}
+
+
 @contextlib.contextmanager
-def _quiet_trainer():
+def cpu_session(prefix: str):
+    """The demo's run environment: one torch thread (the matrices are tiny, and on a busy machine extra threads
+    spin and run far slower), put back afterwards; yields a scratch directory for Trainer, removed afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+            yield scratch
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def quiet_trainer():
     """Trainer's warnings off while the demo prints its own progress (its printing is off through
     the training arguments: no tqdm, no logging)."""
     import transformers
@@ -320,7 +355,7 @@ def is_localized(spread: dict) -> bool:
     return ratio is None or ratio >= 5.0
 
 
-class _Progress:
+class Progress:
     """Prints each message with the seconds since the demo started."""
 
     def __init__(self):
@@ -337,15 +372,8 @@ def run_demo(output_dir: str = "lofit_demo", quick: bool = False, seed: int = 0)
     """Run the demo and write ranking.json, heads.png, adapter/ and results.json to `output_dir`.
     `seed` draws the adaptation data, the LoFiT initialisations and the random heads (the base model is
     the same for every seed). Returns the contents of results.json."""
-    threads = torch.get_num_threads()
-    # One thread: the matrices are tiny, and on a busy machine extra threads spin and run far slower.
-    torch.set_num_threads(1)
-    try:
-        # Trainer wants an output directory; with saving off nothing lands there.
-        with tempfile.TemporaryDirectory(prefix="lofit_demo_trainer_") as scratch:
-            return _run(output_dir, QUICK if quick else FULL, quick, seed, scratch)
-    finally:
-        torch.set_num_threads(threads)
+    with cpu_session("lofit_demo_trainer_") as scratch:
+        return _run(output_dir, QUICK if quick else FULL, quick, seed, scratch)
 
 
 def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratch: str) -> dict:
@@ -353,7 +381,7 @@ def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratc
     from .heatmap import plot_head_scores
     from .training import random_ranking, select_heads, tune
 
-    log = _Progress()
+    log = Progress()
     timings = {}
     os.makedirs(output_dir, exist_ok=True)
     tokenizer = build_tokenizer(settings)
@@ -369,9 +397,7 @@ def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratc
     log(f"base model {'loaded from' if cached else 'pretrained and cached in'} {cache_path}")
     base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
-    eval_examples = make_examples(NEW_WORD, settings.eval_examples, random.Random(EVAL_SEED), settings)
-    train_examples = make_examples(NEW_WORD, settings.train_examples, random.Random(seed), settings,
-                                   exclude=frozenset(example.prompt for example in eval_examples))
+    train_examples, eval_examples = adaptation_data(settings, seed)
     train_rows = encode(train_examples, tokenizer)
     skill_accuracy = {word: next_token_accuracy(model, make_examples(word, settings.eval_examples // 8,
                                                                      random.Random(EVAL_SEED + 1), settings), tokenizer)
@@ -388,11 +414,11 @@ def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratc
     log(f"step 1: scales on all {settings.num_layers * settings.num_heads} heads, L1 {settings.l1_lambda:g}, "
         f"{settings.select_steps} steps")
     phase = time.perf_counter()
-    with _quiet_trainer():
+    with quiet_trainer():
         ranking = select_heads(model, train_rows, collate, loss="sft", localizer="lofit", output_dir=output_dir,
                                settings=step_settings(settings, settings.select_lr, settings.select_steps,
                                                       settings.l1_lambda, seed),
-                               training_args={**TRAINER_OVERRIDES, "output_dir": scratch}, backend="torch")
+                               training_args=trainer_arguments(scratch), backend="torch")
     timings["step1_select"] = time.perf_counter() - phase
     spread = score_spread(ranking, k)
     log(f"step 1 done in {timings['step1_select']:.1f}s; top-{k} heads {ranking.top(k)}, "
@@ -401,10 +427,10 @@ def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratc
 
     def tune_and_score(tune_ranking):
         """(handle, held-out accuracy) of offsets trained on the top-K heads of `tune_ranking`."""
-        with _quiet_trainer():
+        with quiet_trainer():
             handle = tune(model, train_rows, collate, ranking=tune_ranking, k=k, loss="sft",
                           settings=step_settings(settings, settings.tune_lr, settings.tune_steps, 0.0, seed),
-                          training_args={**TRAINER_OVERRIDES, "output_dir": scratch}, backend="torch")
+                          training_args=trainer_arguments(scratch), backend="torch")
         return handle, next_token_accuracy(model, eval_examples, tokenizer)
 
     # -- step 2: offsets on the top-K heads ------------------------------------------------------

@@ -5,6 +5,7 @@ the target in one step (`os.replace`), so a crash leaves either the old file or 
 """
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -36,3 +37,37 @@ def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
+
+
+def write_config_and_weights(directory, config_name: str, config: dict, weights_name: str, tensors: dict,
+                             metadata: dict) -> None:
+    """Write `config` as strict JSON to `directory/config_name` and `tensors` as safetensors (with `metadata`)
+    to `directory/weights_name`, creating `directory` if missing. Both are written in full to temporary files
+    and flushed first; then the weights are renamed into place, and the config right after them, so a crash
+    or an error leaves an earlier pair as it was and no temporary files behind. ValueError if the config
+    holds a value that is not JSON (NaN and infinities included)."""
+    import safetensors.torch
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_name} can hold only finite JSON values ({error})") from None
+    with atomic_path(os.path.join(directory, config_name)) as config_temporary:
+        with open(config_temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+        with atomic_path(os.path.join(directory, weights_name)) as weights_temporary:
+            safetensors.torch.save_file(tensors, weights_temporary, metadata=metadata)
+        # The weights are in place; leaving the outer block puts the config beside them.
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    """Make renames in `directory` durable too (POSIX; a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

@@ -16,6 +16,7 @@ thin wrapper that keeps the patched model and its handle, and forwards every oth
 """
 
 import contextlib
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
@@ -23,7 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .adapter import load_adapter
+from .adapter import AdapterConfig, attach_adapter, read_adapter
 from .patch import LofitHandle, base_transformer, patch_model
 
 # Keys of LofitConfig saved in adapter_config.json's "method" block.
@@ -71,8 +72,9 @@ class LofitConfig:
             self.ranking = os.fspath(self.ranking)
         if not (self.scale or self.offset):
             raise ValueError("scale and offset are both off; LoFiT needs at least one of them")
-        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
-            raise ValueError(f"init_std must be a number >= 0, not {self.init_std!r}")
+        if (isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float))
+                or not math.isfinite(self.init_std) or self.init_std < 0):
+            raise ValueError(f"init_std must be a finite number >= 0, not {self.init_std!r}")
 
     def to_dict(self) -> dict:
         """JSON values only (heads as lists), as saved in adapter_config.json."""
@@ -133,6 +135,16 @@ def get_lofit_model(model: nn.Module, config: LofitConfig, ranking=None) -> "Lof
                     parameter.copy_(draw.to(parameter.device))
     handle.method_settings = {CONFIG_KEY: config.to_dict(), "localizer": localizer}
     return LofitModel(handle, config)
+
+
+def _saved_lofit_config(adapter: AdapterConfig, backend: str) -> LofitConfig:
+    """The LofitConfig of a saved adapter: the one saved with it (get_lofit_model's), or, for an adapter written
+    by patch_model + save_pretrained or by the CLI, one made from the files. Heads, scale, offset and
+    target_module are the files' own."""
+    files = dict(heads=[tuple(item) for item in adapter.heads], k=None, ranking=None, scale=adapter.scale,
+                 offset=adapter.offset, target_module=adapter.target_module, backend=backend)
+    saved = adapter.method.get(CONFIG_KEY)
+    return LofitConfig.from_dict({**saved, **files}) if isinstance(saved, dict) else LofitConfig(**files)
 
 
 class LofitModel(nn.Module):
@@ -204,26 +216,25 @@ class LofitModel(nn.Module):
         ignored: the adapter is always safetensors."""
         self.handle.save_pretrained(save_directory)
 
+    def export_peft_lora(self, save_directory) -> None:
+        """Write the adapter as a standard PEFT LoRA adapter (see `LofitHandle.export_peft_lora`)."""
+        self.handle.export_peft_lora(save_directory)
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, is_trainable: bool = False,
                         backend: str = "auto") -> "LofitModel":
-        """Patch `model` with the adapter saved in the directory `model_id` (checked against the model first).
-        As in PEFT, the adapter comes back frozen unless `is_trainable=True`."""
-        handle = load_adapter(model, model_id, backend=backend, trainable=is_trainable)
-        saved = handle.method_settings.get(CONFIG_KEY)
-        if isinstance(saved, dict):
-            config = LofitConfig.from_dict({**saved, "heads": None, "k": None, "ranking": None})
-        else:  # an adapter written by patch_model + save_pretrained, or by the CLI
-            config = LofitConfig(scale=handle.scale is not None, offset=handle.offset is not None,
-                                 target_module=handle.target_module)
-        config.heads = list(handle.heads)
-        config.backend = backend
+        """Patch `model` with the adapter saved in the directory `model_id` and return the wrapper. Everything
+        (the files, the saved LofitConfig, the fit to the model) is checked before the model is touched, so a
+        failed load leaves it as it was. As in PEFT, the adapter comes back frozen unless `is_trainable=True`."""
+        adapter, tensors = read_adapter(model, model_id)
+        config = _saved_lofit_config(adapter, backend)
+        handle = attach_adapter(model, adapter, tensors, backend=backend, trainable=is_trainable)
         return cls(handle, config)
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the adapter into o_proj (see `lofit_fast.adapter.merge_and_unload`), remove LoFiT and
-        return the plain model."""
-        return self.handle.merge_and_unload()
+    def merge_and_unload(self, engine: str = "transformers") -> nn.Module:
+        """Fold the adapter into o_proj (see `lofit_fast.adapter.merge_and_unload`; `engine`: where the merged
+        model will run), remove LoFiT and return the plain model."""
+        return self.handle.merge_and_unload(engine)
 
     def unload(self) -> nn.Module:
         """Remove LoFiT without merging and return the base model as it was."""

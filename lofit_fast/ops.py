@@ -10,7 +10,10 @@ shape (B, ..., num_heads * head_dim), `scale` / `offset` are (A, K, head_dim), o
 adapter (all adapters share the slot order of `head_index`; a head an adapter does not use holds zeros), and
 batch row b uses adapter `adapter_index[b]`, or none when it is -1 (the row passes through unchanged). Their
 gradients are (A, K, head_dim): each adapter's token sums over the rows that use it, zeros for unused ones.
-Entries outside [-1, A) raise ValueError (one device sync per call reads their range).
+Entries outside [-1, A) raise ValueError; reading their range costs one device sync per call, which a caller
+that validated the index once (as `MultiAdapterHandle.route` does) skips with `check_adapter_index=False`. Unchecked,
+the kernels never read outside scale / offset: a row with such an index passes through unchanged, as with -1
+(the torch backend fails to index instead).
 
 Two backends compute the op:
 "triton" (the fused kernels in `lofit_fast.kernels`) and "torch" (this file: the CPU path and the
@@ -107,7 +110,9 @@ def head_affine_torch_forward(z, head_index, scale, offset, save_selected, adapt
         transformed = transformed + _shift(offset, adapter_index, compute, z.dim())
     out = z_heads.clone(memory_format=torch.contiguous_format)
     out.index_copy_(-2, head_index, transformed.to(z.dtype))
-    z_selected = selected.reshape(-1, head_index.numel(), head_dim) if save_selected and scale is not None else empty
+    num_tokens = z.shape[:-1].numel()
+    z_selected = (selected.reshape(num_tokens, head_index.numel(), head_dim) if save_selected and scale is not None
+                  else empty)
     return out.flatten(-2), z_selected
 
 
@@ -129,7 +134,7 @@ def _token_rows(heads, adapter_index, tokens_per_row):
     """(..., K, D) heads -> (tokens, K, D), the layout the token sums run over (the first dimension); with
     `adapter_index`, (tokens per row, B, K, D), so that the same sums give one (K, D) result per batch row."""
     if adapter_index is None:
-        return heads.reshape(-1, *heads.shape[-2:])
+        return heads.reshape(heads.shape[:-2].numel(), *heads.shape[-2:])  # not -1: K may be 0
     return heads.reshape(adapter_index.shape[0], tokens_per_row, *heads.shape[-2:]).transpose(0, 1)
 
 
@@ -252,11 +257,10 @@ def _kernels():
 # ----------------------------------------------------------------------------------------------
 
 def _check_adapter_index_range(adapter_index, num_adapters):
-    """ValueError unless every entry of adapter_index is in [-1, num_adapters). An index out of range would
-    make the kernels read outside scale / offset, so it is checked here, in host code that every call runs,
-    eager or under torch.compile (the op is opaque to the compiler, so this costs no graph break). Reading
-    min and max costs one device sync per call; skipped while a CUDA graph is being captured, where a sync
-    is not allowed."""
+    """ValueError unless every entry of adapter_index is in [-1, num_adapters). Checked here, in host code that
+    every call with check_adapter_index=True runs, eager or under torch.compile (the op is opaque to the compiler,
+    so this costs no graph break). Reading min and max costs one device sync per call; skipped while a CUDA graph
+    is being captured, where a sync is not allowed."""
     if adapter_index.numel() == 0:
         return
     if adapter_index.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -271,8 +275,9 @@ def _check_adapter_index_range(adapter_index, num_adapters):
 @torch.library.custom_op("lofit_fast::head_affine", mutates_args=())
 def _head_affine_op(z: Tensor, head_index: Tensor, scale: Optional[Tensor], offset: Optional[Tensor],
                     save_selected: bool, backend: str,
-                    adapter_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    if adapter_index is not None:
+                    adapter_index: Optional[Tensor] = None,
+                    check_adapter_index: bool = True) -> tuple[Tensor, Tensor]:
+    if adapter_index is not None and check_adapter_index:
         _check_adapter_index_range(adapter_index, (scale if scale is not None else offset).shape[0])
     if backend == "triton":
         return _kernels().head_affine_forward(z, head_index, scale, offset, save_selected, adapter_index)
@@ -280,7 +285,7 @@ def _head_affine_op(z: Tensor, head_index: Tensor, scale: Optional[Tensor], offs
 
 
 @_head_affine_op.register_fake
-def _(z, head_index, scale, offset, save_selected, backend, adapter_index=None):
+def _(z, head_index, scale, offset, save_selected, backend, adapter_index=None, check_adapter_index=True):
     # Same shapes in both modes: z' is z's shape, z_selected has one row per token of z.
     head_dim = (scale if scale is not None else offset).shape[-1]
     num_tokens = z.numel() // z.shape[-1]
@@ -328,7 +333,7 @@ def _(grad_out, saved, head_index, scale, head_dim, need_grad_z, need_grad_scale
 
 
 def _setup_context(ctx, inputs, output):
-    z, head_index, scale, offset, save_selected, backend, adapter_index = inputs
+    z, head_index, scale, offset, save_selected, backend, adapter_index, _ = inputs
     params = scale if scale is not None else offset
     ctx.head_dim = params.shape[-1]
     ctx.num_adapters = params.shape[0] if adapter_index is not None else 0
@@ -346,7 +351,7 @@ def _backward(ctx, grad_out, _grad_z_selected):
     saved, head_index, scale, adapter_index = ctx.saved_tensors
     need_grad_z, _, need_grad_scale, need_grad_offset = ctx.needs_input_grad[:4]
     if grad_out is None:  # z' did not reach the loss (grads are not materialised, see _setup_context)
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     if need_grad_scale and saved.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("lofit_fast::head_affine was called with save_selected=False, but the scale "
                            "needs a gradient; call lofit_fast.ops.head_affine, which sets it")
@@ -357,7 +362,7 @@ def _backward(ctx, grad_out, _grad_z_selected):
         grad_z = grad_out  # the transform is a shift: its gradient passes through unchanged
     return (grad_z if need_grad_z else None, None,
             grad_scale.to(ctx.scale_dtype) if need_grad_scale else None,
-            grad_offset.to(ctx.offset_dtype) if need_grad_offset else None, None, None, None)
+            grad_offset.to(ctx.offset_dtype) if need_grad_offset else None, None, None, None, None)
 
 
 _head_affine_op.register_autograd(_backward, setup_context=_setup_context)
@@ -397,7 +402,7 @@ def _check_param_shapes(z, scale, offset, adapter_index):
 
 def head_affine(z: Tensor, head_index: Tensor, scale: Optional[Tensor] = None,
                 offset: Optional[Tensor] = None, backend: str = "auto",
-                adapter_index: Optional[Tensor] = None) -> Tensor:
+                adapter_index: Optional[Tensor] = None, check_adapter_index: bool = True) -> Tensor:
     """Apply `z'_h = (1 + scale) * z_h + offset` to the heads in `head_index` (see the module doc).
 
     `backend` is "auto" (Triton for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1; torch
@@ -405,7 +410,10 @@ def head_affine(z: Tensor, head_index: Tensor, scale: Optional[Tensor] = None,
 
     `adapter_index` (optional): an int64 (or int32) tensor (B,) on z's device for z of shape (B, ..., C); then
     scale / offset are (A, K, head_dim) and row b uses adapter adapter_index[b], or none when it is -1.
-    ValueError for an entry outside [-1, A) (checked with one device sync per call).
+
+    `check_adapter_index`: raise ValueError for an entry of adapter_index outside [-1, A), at the cost of one
+    device sync per call. Pass False for an index validated once beforehand (a route of `load_adapters` is):
+    the op then never syncs, and an entry out of range leaves its row unchanged on the Triton backend.
     """
     if scale is None and offset is None:
         raise ValueError("head_affine needs a scale, an offset or both; both are None")
@@ -413,5 +421,5 @@ def head_affine(z: Tensor, head_index: Tensor, scale: Optional[Tensor] = None,
     backend = resolve_backend(backend, z.device, z.dtype)
     # Only a scale that is being trained needs the selected heads of z saved for backward.
     save_selected = scale is not None and scale.requires_grad and torch.is_grad_enabled()
-    out, _ = _head_affine_op(z, head_index, scale, offset, save_selected, backend, adapter_index)
+    out, _ = _head_affine_op(z, head_index, scale, offset, save_selected, backend, adapter_index, check_adapter_index)
     return out

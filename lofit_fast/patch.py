@@ -7,13 +7,14 @@ parameters left trainable. `handle.remove()` takes all of it away again.
 """
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .bnb import REPACKED_REMEDY, Repacking4bitHold, RepackingCheckHook
+from .bnb import REPACKED_REMEDY, Repacking4bitHold, RepackingCheckHook, linear_response
 from .ops import BACKENDS, head_affine, resolve_backend
 
 LOFIT_MODULE_NAME = "lofit"
@@ -41,7 +42,8 @@ def register_architecture(model_type: str, layers: str = "model.layers", o_proj:
     ARCHITECTURES[model_type] = ArchitectureSpec(layers=layers, o_proj=o_proj)
 
 
-def _architecture(model: nn.Module) -> ArchitectureSpec:
+def architecture_spec(model: nn.Module) -> ArchitectureSpec:
+    """Where `model` keeps its decoder layers and o_proj; ValueError naming the fix for an unknown architecture."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in ARCHITECTURES:
@@ -55,7 +57,7 @@ def _architecture(model: nn.Module) -> ArchitectureSpec:
 
 def decoder_layers(model: nn.Module) -> nn.Module:
     """The model's list of decoder layers (an nn.ModuleList), lowest first."""
-    spec = _architecture(model)
+    spec = architecture_spec(model)
     try:
         return model.get_submodule(spec.layers)
     except AttributeError as error:
@@ -66,7 +68,7 @@ def decoder_layers(model: nn.Module) -> nn.Module:
 def find_o_projs(model: nn.Module, target_module: Optional[str] = None) -> list[nn.Module]:
     """The attention output projection of every decoder layer, lowest layer first. `target_module` is the
     dotted path from a layer to the projection, when it is not the architecture's usual one."""
-    spec = _architecture(model)
+    spec = architecture_spec(model)
     o_proj_path = target_module or spec.o_proj
     layers = decoder_layers(model)
     try:
@@ -139,12 +141,29 @@ class LofitParameters(nn.Module):
         self.scale = nn.Parameter(torch.zeros(shape, device=device)) if scale else None
         self.offset = nn.Parameter(torch.zeros(shape, device=device)) if offset else None
         self.enabled = True
+        self.handle_ref = None  # weakref.ref to the LofitHandle that owns this module (see `handle_of`)
         self.layers = sorted({layer for layer, _ in heads})
         for layer in self.layers:
             slots = [i for i, (l, _) in enumerate(heads) if l == layer]
             self.register_buffer(f"slots_{layer}", torch.tensor(slots, device=device), persistent=False)
             self.register_buffer(f"head_index_{layer}", torch.tensor([heads[i][1] for i in slots], device=device),
                                  persistent=False)
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) belongs to no handle; a weakref could not be pickled anyway.
+        return {**super().__getstate__(), "handle_ref": None}
+
+    def _apply(self, fn, recurse=True):
+        """`model.half()`, `model.to(torch.bfloat16)` and the like move LoFiT's parameters (device, memory
+        format) but keep them fp32: they are the master weights, and 16 bits would round every update."""
+        def keep_float32(tensor):
+            moved = fn(tensor)
+            if (tensor.dtype == torch.float32 and moved.is_floating_point()
+                    and torch.finfo(moved.dtype).bits < 32):
+                return tensor.to(device=moved.device)  # from the fp32 values, not from the rounded copy
+            return moved
+
+        return super()._apply(keep_float32, recurse)
 
     def layer_tensors(self, layer: int, device: torch.device):
         """(head_index, scale rows, offset rows) of one layer, on `device`."""
@@ -215,7 +234,7 @@ def hold_4bit_repacking(model: nn.Module, lowest_layer: int, parameters: nn.Modu
     layers = decoder_layers(model)
     # Backward needs neither the layers below the lowest one nor, in that layer, the attention's projections
     # that run before o_proj (q, k, v): their inputs need no grad, and bitsandbytes' kernel may have them.
-    attention_path, _, o_proj_name = _architecture(model).o_proj.rpartition(".")
+    attention_path, _, o_proj_name = architecture_spec(model).o_proj.rpartition(".")
     before_o_proj = ()
     if attention_path:
         attention = layers[lowest_layer].get_submodule(attention_path)
@@ -241,9 +260,10 @@ class LofitHandle:
         # Training settings that produced these parameters; save_pretrained writes them to adapter_config.json.
         self.method_settings: dict = {}
         o_projs = find_o_projs(model, target_module)
-        device = _first_parameter_device(o_projs[0])
+        device = first_parameter_device(o_projs[0])
         lofit = LofitParameters(heads, shape.head_dim, scale, offset, device)
         lofit.requires_grad_(trainable)
+        lofit.handle_ref = weakref.ref(self)
         # First, as it may refuse the model: nothing is changed before it.
         self._repacking_hold, check = hold_4bit_repacking(model, lofit.layers[0], lofit, trainable)
         self._requires_grad_before = freeze(model)
@@ -253,21 +273,28 @@ class LofitHandle:
         if check is not None:
             self._hooks.append(o_projs[lofit.layers[0]].register_forward_pre_hook(check, prepend=True))
 
+    def _live(self) -> LofitParameters:
+        """The LoFiT module, or RuntimeError once the handle was removed."""
+        if self.lofit is None:
+            raise RuntimeError("this LoFiT handle was already removed (by remove(), merge_and_unload() or unload()) "
+                               "and has no parameters; patch the model again (patch_model / load_adapter) to use LoFiT")
+        return self.lofit
+
     @property
     def scale(self) -> Optional[nn.Parameter]:
-        return self.lofit.scale
+        return self._live().scale
 
     @property
     def offset(self) -> Optional[nn.Parameter]:
-        return self.lofit.offset
+        return self._live().offset
 
     @property
     def enabled(self) -> bool:
-        return self.lofit.enabled
+        return self._live().enabled
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
-        self.lofit.enabled = bool(value)
+        self._live().enabled = bool(value)
 
     def _attach(self, o_proj: nn.Module, layer: int):
         if self.lofit.scale is None and folds_offsets(o_proj):
@@ -277,6 +304,7 @@ class LofitHandle:
     @contextlib.contextmanager
     def disabled(self):
         """Run the base model with LoFiT switched off inside the `with` block (e.g. a DPO reference)."""
+        self._live()
         previous, self.enabled = self.enabled, False
         try:
             yield self.model
@@ -289,27 +317,51 @@ class LofitHandle:
 
         save_adapter(self, directory)
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the adapter into o_proj (offsets into its bias, scales into its weight columns), remove
-        LoFiT, and return the plain model."""
-        from .adapter import merge_and_unload
+    def export_peft_lora(self, directory) -> None:
+        """Write the adapter as a standard PEFT LoRA adapter of o_proj (adapter_config.json and
+        adapter_model.safetensors, atomically), which `peft.PeftModel.from_pretrained` loads onto the base model
+        without lofit_fast (see `lofit_fast.export`)."""
+        from .export import export_peft_lora
 
-        return merge_and_unload(self)
+        export_peft_lora(self, directory)
+
+    def merge_and_unload(self, engine: str = "transformers") -> nn.Module:
+        """Fold the adapter into o_proj (offsets into its bias, scales into its weight columns), remove
+        LoFiT, and return the plain model, saved as it is, keeps the offsets in `engine` ("transformers",
+        "vllm" or "sglang"; see `lofit_fast.adapter.merge_and_unload`)."""
+        from .merge import merge_and_unload
+
+        return merge_and_unload(self, engine)
 
     def remove(self) -> nn.Module:
         """Take LoFiT out of the model: hooks, parameters, and the requires_grad flags it changed.
         Returns the model."""
-        if self.lofit is None:
-            raise RuntimeError("this LoFiT handle was already removed")
+        self._live()
         detach(self.model, self._hooks, LOFIT_MODULE_NAME, self._requires_grad_before)
         self._repacking_hold.release()
         self._hooks, self.lofit = [], None
         return self.model
 
     def __repr__(self):
-        return (f"LofitHandle({len(self.heads)} heads over {len(self.lofit.layers) if self.lofit else 0} layers, "
+        if self.lofit is None:
+            return f"LofitHandle(removed; it had {len(self.heads)} heads)"
+        return (f"LofitHandle({len(self.heads)} heads over {len(self.lofit.layers)} layers, "
                 f"head_dim={self.head_dim}, scale={self.scale is not None}, offset={self.offset is not None}, "
                 f"backend={self.backend!r})")
+
+
+def handle_of(model: nn.Module) -> LofitHandle:
+    """The LofitHandle of a model patched by `patch_model` / `load_adapter` (also inside a PEFT model), or of a
+    LofitModel. ValueError if the model carries no LoFiT adapter."""
+    handle = getattr(model, "handle", None)  # a LofitModel
+    if isinstance(handle, LofitHandle):
+        return handle
+    lofit = getattr(base_transformer(model), LOFIT_MODULE_NAME, None)
+    handle = lofit.handle_ref() if isinstance(lofit, LofitParameters) and lofit.handle_ref is not None else None
+    if handle is None or handle.lofit is not lofit:  # a copy.deepcopy of a patched model keeps the original's
+        raise ValueError(f"{type(model).__name__} carries no LoFiT adapter of its own: patch it with "
+                         f"lofit_fast.patch_model or load_adapter, or wrap it with get_lofit_model")
+    return handle
 
 
 def freeze(model: nn.Module) -> dict[str, bool]:
@@ -337,20 +389,24 @@ def folded_offset(o_proj: nn.Module, head_index: torch.Tensor, offset: torch.Ten
     then matmul). LLM.int8 quantizes each input row, so on an 8-bit o_proj this is the int8 image of v_hat, not
     of z + v_hat. `offset` is (K, head_dim) -> (out_features,), or (..., K, head_dim) for several offsets
     at once -> (..., out_features)."""
-    columns = (head_index[:, None] * head_dim + torch.arange(head_dim, device=head_index.device)).flatten()
+    columns = head_columns(head_index, head_dim)
     values = offset.flatten(-2)  # (..., K * head_dim)
     if type(o_proj) is nn.Linear:
         return torch.nn.functional.linear(values.float(), o_proj.weight.index_select(1, columns).float())
     count = values.numel() // columns.numel()
-    probe = torch.zeros(count + 1, o_proj.in_features, dtype=input_dtype, device=offset.device)
     rows = torch.arange(count, device=offset.device).repeat_interleave(columns.numel())
-    probe = probe.index_put((rows, columns.repeat(count)), values.reshape(-1).to(input_dtype))
-    # .forward, not __call__: this runs inside o_proj's own forward hook, which must not fire again.
-    outputs = o_proj.forward(probe).float()
-    return (outputs[:-1] - outputs[-1]).reshape(*offset.shape[:-2], -1)
+    inputs = torch.zeros(count, o_proj.in_features, dtype=input_dtype, device=offset.device)
+    inputs = inputs.index_put((rows, columns.repeat(count)), values.reshape(-1).to(input_dtype))
+    return linear_response(o_proj, inputs).reshape(*offset.shape[:-2], -1)
 
 
-def _first_parameter_device(module: nn.Module) -> torch.device:
+def head_columns(head_index: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The input features of o_proj that the heads `head_index` occupy, head after head."""
+    return (head_index[:, None] * head_dim + torch.arange(head_dim, device=head_index.device)).flatten()
+
+
+def first_parameter_device(module: nn.Module) -> torch.device:
+    """The device of `module`'s first parameter (the CPU when it has none)."""
     for parameter in module.parameters():
         return parameter.device
     return torch.device("cpu")
@@ -406,5 +462,5 @@ def attach(model: nn.Module, heads, scale: bool, offset: bool, backend: str, tar
     validated = _validate_heads(heads, shape)
     if backend == "triton":
         o_proj = find_o_projs(model, target_module)[0]
-        resolve_backend("triton", _first_parameter_device(o_proj), torch.float32)
+        resolve_backend("triton", first_parameter_device(o_proj), torch.float32)
     return LofitHandle(model, validated, shape, scale, offset, backend, target_module, trainable=trainable)

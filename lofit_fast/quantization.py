@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .bnb import bitsandbytes_module, is_repacked, linear4bit_layers, quantized_linears, repacking_error
-from .patch import LOFIT_MODULE_NAME
+from .patch import LofitParameters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,14 +107,18 @@ def prepare_kbit_training(model: nn.Module, gradient_checkpointing: bool = False
                           gradient_checkpointing_kwargs: Optional[dict] = None) -> nn.Module:
     """Get a (bitsandbytes or plain) Hugging Face model ready for LoFiT training; returns it.
 
-    Freezes every parameter outside `model.lofit`, keeps bitsandbytes' 4-bit layers on differentiable
-    kernels (see the module doc), and with `gradient_checkpointing=True` turns on non-reentrant
-    checkpointing without the embedding hook that would make backward run through every layer.
+    Freezes every parameter but LoFiT's (`model.lofit`, also inside a LofitModel or a PEFT model, or the
+    `load_adapters` bank), keeps bitsandbytes' 4-bit layers on differentiable kernels (see the module doc),
+    and with `gradient_checkpointing=True` turns on non-reentrant checkpointing without the embedding hook
+    that would make backward run through every layer.
     Weights keep their dtype: unlike PEFT's `prepare_model_for_kbit_training` nothing is upcast to fp32
     (measured in the module doc: it costs memory and does not make LoFiT's gradients more accurate).
     """
-    for name, parameter in model.named_parameters():
-        if name.split(".", 1)[0] != LOFIT_MODULE_NAME:
+    # By module, not by name: inside a LofitModel, a PEFT model or a bank of load_adapters, LoFiT's parameters
+    # are "wrapped_model.lofit.offset", "base_model.model.lofit.scale", "lofit_adapters.<name>.offset".
+    lofit = {id(p) for module in model.modules() if isinstance(module, LofitParameters) for p in module.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in lofit:
             parameter.requires_grad_(False)
     keep_4bit_layers_differentiable(model)
     if gradient_checkpointing:

@@ -7,12 +7,14 @@ Step 2, `tune`: from the frozen base, learn offsets on the top-K heads of a rank
 Both losses come in two flavours: "sft" (the model's own loss on labels, prompt tokens masked to
 -100 by the collator) and "dpo" (pairs scored against the base model with LoFiT switched off, its
 log-probabilities computed once before training). Logging, progress bars, gradient accumulation,
-mixed precision, checkpoints and resume all come from Trainer; the base stays frozen, so the
-optimizer only ever sees LoFiT's parameters.
+mixed precision, checkpoints and resume all come from Trainer (checkpoints hold the adapter:
+`LofitCheckpointing`); the base stays frozen, so the optimizer only ever sees LoFiT's parameters.
+`paper_settings` gives the paper's settings for a task and model.
 """
 
 import contextlib
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -21,11 +23,15 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback
 
+from .adapter import load_adapter_values
+from .bnb import compute_dtypes_4bit
+from .data import training_subset
 from .io import atomic_write_text
 from .losses import dpo_loss, sequence_logprobs
-from .patch import LofitHandle, attention_shape, patch_model
+from .patch import LofitHandle, attention_shape, handle_of, patch_model
 from .quantization import prepare_kbit_training
 
 LOSSES = ("sft", "dpo")
@@ -34,7 +40,13 @@ LOCALIZERS = ("lofit", "random", "probe")
 
 @dataclass
 class StepSettings:
-    """Settings of one LoFiT step. Defaults are the paper's (Llama 2-7B, see PAPER_SETTINGS)."""
+    """Settings of one LoFiT step. Defaults are the paper's (Llama 2-7B, see PAPER_SETTINGS).
+
+    train_size: train on this many examples, drawn with `random.Random(seed)` as the paper draws its CLUTRR
+        subset (`data.training_subset`); None (or 0) for all of them.
+    source: which of the paper's settings these are (`paper_settings` fills it in; it is saved with the
+        adapter and the ranking).
+    """
 
     learning_rate: float = 5e-3
     l1_lambda: float = 0.0
@@ -43,35 +55,112 @@ class StepSettings:
     init_std: float = 1e-3
     dpo_beta: float = 0.5
     seed: int = 42
+    train_size: Optional[int] = None
+    source: Optional[str] = None
 
 
-# The reference scripts' settings (Llama 2-7B, 5 epochs, batch 8); see the method notes.
-PAPER_SETTINGS = {
-    "truthfulqa": {"select": StepSettings(learning_rate=5e-3, l1_lambda=5e-4), "k": 32,
-                   "tune": StepSettings(learning_rate=1e-2)},
-    "mquake": {"select": StepSettings(learning_rate=5e-3, l1_lambda=1e-3), "k": 32,
-               "tune": StepSettings(learning_rate=1e-2)},
-    "clutrr": {"select": StepSettings(learning_rate=5e-4, l1_lambda=5e-3), "k": 32,
-               "tune": StepSettings(learning_rate=1e-2)},
+def _paper_task(select_lr: float, l1_lambda: float, k: int, tune_lr: float, train_size: Optional[int] = None) -> dict:
+    return {"select": StepSettings(learning_rate=select_lr, l1_lambda=l1_lambda, train_size=train_size), "k": k,
+            "tune": StepSettings(learning_rate=tune_lr, train_size=train_size)}
+
+
+# The reference scripts' settings (fc2869/lo-fit, train_script_{truthfulqa,mquake,clutrr}.sh: 5 epochs, batch 8,
+# seed 42; CLUTRR trains both steps on a 300-example subset, --train_size 300).
+PAPER_SETTINGS_BY_MODEL = {
+    "llama-2-7b": {"truthfulqa": _paper_task(5e-3, 5e-4, 32, 1e-2), "mquake": _paper_task(5e-3, 1e-3, 32, 1e-2),
+                   "clutrr": _paper_task(5e-4, 5e-3, 32, 1e-2, train_size=300)},
+    "llama-2-13b": {"truthfulqa": _paper_task(1e-3, 1e-3, 48, 2e-2), "mquake": _paper_task(1e-3, 1e-3, 48, 8e-3),
+                    "clutrr": _paper_task(1e-3, 1e-3, 48, 1e-2, train_size=300)},
+    "gemma-7b": {"truthfulqa": _paper_task(5e-3, 5e-4, 16, 2e-2), "mquake": _paper_task(5e-3, 5e-4, 16, 8e-3),
+                 "clutrr": _paper_task(5e-4, 5e-3, 16, 1e-2, train_size=300)},
 }
-# Tasks without a paper setting (generic JSON lines) start from the TruthfulQA/MQuAKE middle ground.
-DEFAULT_SETTINGS = {"select": StepSettings(learning_rate=5e-3, l1_lambda=1e-3), "k": 32,
-                    "tune": StepSettings(learning_rate=1e-2)}
+# How each of the paper's models is recognised: (model_type, layers, query heads, key/value heads, head_dim).
+PAPER_MODEL_SHAPES = {"llama-2-7b": ("llama", 32, 32, 32, 128), "llama-2-13b": ("llama", 40, 40, 40, 128),
+                      "gemma-7b": ("gemma", 28, 16, 16, 256)}
+PAPER_SETTINGS = PAPER_SETTINGS_BY_MODEL["llama-2-7b"]
+# Tasks without a paper setting (generic JSON lines) take the model's MQuAKE settings (SFT on short answers).
+GENERIC_TASK_SETTINGS = "mquake"
+DEFAULT_SETTINGS = PAPER_SETTINGS[GENERIC_TASK_SETTINGS]
 
 
-def paper_settings(task: Optional[str]) -> dict:
-    """{"select": StepSettings, "k": int, "tune": StepSettings} for a task name (copies, safe to edit)."""
-    chosen = PAPER_SETTINGS.get(task, DEFAULT_SETTINGS)
-    return {"select": StepSettings(**asdict(chosen["select"])), "k": chosen["k"],
-            "tune": StepSettings(**asdict(chosen["tune"]))}
+def paper_settings(task: Optional[str], model=None, paper_model: Optional[str] = None) -> dict:
+    """The paper's settings for `task` and the model: {"select": StepSettings, "k": int, "tune": StepSettings,
+    "paper_model": str, "source": str} (copies, safe to edit).
+
+    model: a model or its config; the paper's model with the same architecture and shape (layers, query and
+        key/value heads, head_dim) gives the settings: Llama 2-7B, Llama 2-13B or Gemma-7B. Any other model
+        (or none) gets Llama 2-7B's.
+    paper_model: "llama-2-7b", "llama-2-13b" or "gemma-7b" to choose the set instead.
+    `source` says which set was used and why; it is also each StepSettings' `source`, saved with the results.
+    """
+    if paper_model is None:
+        paper_model, why = _paper_model_of(model)
+    elif paper_model in PAPER_SETTINGS_BY_MODEL:
+        why = "chosen"
+    else:
+        raise ValueError(f"paper_model={paper_model!r}: the paper's settings are for "
+                         f"{', '.join(PAPER_SETTINGS_BY_MODEL)}")
+    table = PAPER_SETTINGS_BY_MODEL[paper_model]
+    settings_task = task if task in table else GENERIC_TASK_SETTINGS
+    if settings_task != task:
+        why += f"; the paper has no settings for {task or 'this task'}: its {GENERIC_TASK_SETTINGS} settings"
+    source = f"{paper_model} {settings_task} ({why})"
+    chosen = table[settings_task]
+    return {"select": StepSettings(**{**asdict(chosen["select"]), "source": source}), "k": chosen["k"],
+            "tune": StepSettings(**{**asdict(chosen["tune"]), "source": source}),
+            "paper_model": paper_model, "source": source}
+
+
+def _paper_model_of(model) -> tuple[str, str]:
+    """(the paper's model whose settings fit `model`, why)."""
+    config = getattr(model, "config", model)
+    if config is None:
+        return "llama-2-7b", "no model given: Llama 2-7B's"
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = (config.model_type, config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads,
+             head_dim)
+    for name, paper_shape in PAPER_MODEL_SHAPES.items():
+        if shape == paper_shape:
+            return name, f"the model's shape: {shape[1]} layers x {heads} heads of {head_dim}"
+    return "llama-2-7b", (f"no paper settings for this model ({shape[0]}, {shape[1]} layers x {heads} heads of "
+                          f"{head_dim}): Llama 2-7B's")
 
 
 # ----------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------
 
-class LofitTrainer(Trainer):
-    """Trainer with LoFiT's losses: SFT or DPO, plus `l1_lambda * sum|A|` on the scales."""
+class LofitCheckpointing:
+    """Makes a transformers Trainer checkpoint the LoFiT adapter of its model instead of the model.
+
+    Mix it in ahead of the Trainer class (`class MyTrainer(LofitCheckpointing, trl.SFTTrainer): pass`); the
+    model is a `LofitModel`, or a model patched by `patch_model` / `load_adapter`. Checkpoints and `save_model()`
+    then hold adapter_config.json and adapter_model.safetensors (what `load_adapter` and
+    `LofitModel.from_pretrained` read) beside Trainer's optimizer, scheduler, RNG and trainer state, and
+    `train(resume_from_checkpoint=...)` / `load_best_model_at_end` load the adapter's values back. Without it,
+    Trainer writes the whole base model into every checkpoint (and fails on tied embeddings for a LofitModel).
+    """
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        handle_of(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_values(handle_of(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapter_values(handle_of(self.model), self.state.best_model_checkpoint)
+
+
+class LofitTrainer(LofitCheckpointing, Trainer):
+    """Trainer with LoFiT's losses: SFT or DPO, plus `l1_lambda * sum|A|` on the scales; checkpoints hold the
+    adapter (`LofitCheckpointing`)."""
 
     def __init__(self, *args, handle: LofitHandle, loss: str, l1_lambda: float = 0.0, dpo_beta: float = 0.5,
                  **kwargs):
@@ -83,9 +172,11 @@ class LofitTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_kind == "sft":
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            labels=inputs["labels"])
-            loss = outputs.loss
+            model_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "labels") if key in inputs}
+            # Trainer's own: with num_items_in_batch (transformers 5) the model averages over the answer tokens of
+            # the whole accumulated batch, and Trainer then does not divide by the accumulation steps.
+            loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         else:
             chosen = _pair_logprobs(model, inputs, "chosen")
             rejected = _pair_logprobs(model, inputs, "rejected")
@@ -93,8 +184,18 @@ class LofitTrainer(Trainer):
                             beta=self.dpo_beta)
             outputs = None
         if self.l1_lambda and self.handle.scale is not None:
-            loss = loss + self.l1_lambda * self.handle.scale.abs().sum()
+            penalty = self.l1_lambda * self.handle.scale.abs().sum()
+            if model.training and self._loss_is_scaled_for_accumulation(num_items_in_batch):
+                # Added on every micro-batch of the step, and not divided by Trainer: once per step in all.
+                penalty = penalty / self.current_gradient_accumulation_steps
+            loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Trainer.training_step's test of whether it leaves the loss undivided by the accumulation steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
 
 def _pair_logprobs(model, inputs, side: str) -> torch.Tensor:
@@ -126,7 +227,7 @@ def _training_arguments(output_dir: str, settings: StepSettings, overrides: Opti
         per_device_train_batch_size=settings.per_device_train_batch_size,
         seed=settings.seed,
         weight_decay=0.0,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="linear",  # the paper's (TrainingArguments' default): linear decay to 0, no warmup
         warmup_steps=0,
         logging_steps=10,
         save_strategy="no",
@@ -143,9 +244,6 @@ def _train(handle: LofitHandle, train_dataset, data_collator, loss: str, setting
            output_dir: str, training_args: Optional[dict], resume_from_checkpoint=None):
     arguments = _training_arguments(output_dir, settings, training_args)
     _prepare_for_training(handle.model, arguments)  # before the DPO reference pass (see the function)
-    if loss == "dpo":
-        train_dataset = with_reference_logprobs(handle, train_dataset, data_collator,
-                                                settings.per_device_train_batch_size)
     trainer = LofitTrainer(
         model=handle.model,
         args=arguments,
@@ -156,11 +254,29 @@ def _train(handle: LofitHandle, train_dataset, data_collator, loss: str, setting
         l1_lambda=settings.l1_lambda,
         dpo_beta=settings.dpo_beta,
     )
+    _refuse_float16_without_loss_scaling(handle.model, trainer)
+    if loss == "dpo":
+        # Under the autocast of mixed precision, as the policy runs: else an untrained adapter's margin is not 0.
+        with trainer.accelerator.autocast():
+            trainer.train_dataset = with_reference_logprobs(handle, train_dataset, data_collator,
+                                                            settings.per_device_train_batch_size)
     if trainer.args.disable_tqdm and trainer.args.logging_strategy == "no":
         # Asked to be quiet: without this, PrinterCallback still prints the end-of-training summary.
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
+
+
+def _refuse_float16_without_loss_scaling(model: nn.Module, trainer: Trainer) -> None:
+    """ValueError if the model computes in float16 and the run has no loss scaling (Trainer's fp16 mixed
+    precision has a GradScaler on GPUs only): gradients below float16's range would silently become 0."""
+    dtypes = {p.dtype for p in model.parameters()} | compute_dtypes_4bit(model)
+    if torch.float16 in dtypes and trainer.accelerator.scaler is None:
+        raise ValueError(
+            "the model computes in float16, and this run has no loss scaling: small gradients would underflow to 0. "
+            "Load the model in float32 or bfloat16 (lofit: --dtype float32 or bfloat16; the paper trains Llama 2-7B "
+            "in fp32, 13B and Gemma in bf16), give a 4-bit base bnb_4bit_compute_dtype=torch.bfloat16, or, on a GPU, "
+            "pass training_args={'fp16': True} (lofit: --fp16) for mixed precision with loss scaling")
 
 
 def _prepare_for_training(model: nn.Module, arguments: TrainingArguments) -> None:
@@ -179,7 +295,8 @@ def _prepare_for_training(model: nn.Module, arguments: TrainingArguments) -> Non
 @torch.no_grad()
 def with_reference_logprobs(handle: LofitHandle, dataset, data_collator, batch_size: int) -> list:
     """The DPO reference: log-probabilities of each pair under the base model (LoFiT off), computed once.
-    Returns the examples with `ref_chosen_logps` / `ref_rejected_logps` added."""
+    Returns the examples with `ref_chosen_logps` / `ref_rejected_logps` added. Call it under the autocast that
+    the policy's forward runs in (`Trainer.accelerator.autocast()`, as `tune` and `select_heads` do)."""
     model = handle.model
     was_training = model.training
     model.eval()
@@ -218,9 +335,11 @@ class HeadRanking:
         return [(layer, head) for layer, head, _ in self.ranking[:resolve_k(k, len(self.ranking))]]
 
     def save(self, path) -> None:
+        # allow_nan=False: strict JSON, which every reader accepts (a NaN score is refused here, not written).
         text = json.dumps({"localizer": self.localizer, "num_layers": self.num_layers,
                            "num_heads": self.num_heads, "settings": self.settings,
-                           "ranking": [[layer, head, score] for layer, head, score in self.ranking]}, indent=1)
+                           "ranking": [[layer, head, score] for layer, head, score in self.ranking]}, indent=1,
+                          allow_nan=False)
         atomic_write_text(path, text)
 
     @classmethod
@@ -269,11 +388,14 @@ def select_heads(model: nn.Module, train_dataset, data_collator, *, loss: str = 
     task + l1_lambda * sum|A| and scores each head by ||A_lh||_2; "random" is the seeded baseline;
     "probe" scores each head by a linear probe's validation accuracy (`probing.probe_ranking`, with
     settings.per_device_train_batch_size as its batch size and settings.seed; nothing is trained in the model).
+    With settings.train_size, a seeded subset of `train_dataset` is used (`data.training_subset`).
     The model is left as it was (LoFiT removed, flags restored).
     """
     if localizer not in LOCALIZERS:
         raise ValueError(f"localizer={localizer!r} is not one of {LOCALIZERS}")
     settings = settings or paper_settings(None)["select"]
+    if localizer != "random":
+        train_dataset = training_subset(train_dataset, settings.train_size, settings.seed)
     if localizer == "random":
         ranking = random_ranking(model, settings.seed)
     elif localizer == "probe":
@@ -291,6 +413,9 @@ def select_heads(model: nn.Module, train_dataset, data_collator, *, loss: str = 
             scores = handle.scale.detach().float().norm(dim=-1).cpu().tolist()
         finally:
             handle.remove()
+        if not all(math.isfinite(score) for score in scores):
+            raise ValueError("step 1 ended with non-finite scales (training diverged), so the heads cannot be "
+                             "ranked; lower the learning rate")
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         ranking = HeadRanking([(*handle.heads[i], scores[i]) for i in order], handle.num_layers,
                               handle.num_heads, settings={"loss": loss, **asdict(settings)})
@@ -309,8 +434,10 @@ def tune(model: nn.Module, train_dataset, data_collator, *, heads: Sequence = No
          training_args: Optional[dict] = None, backend: str = "auto",
          resume_from_checkpoint=None) -> LofitHandle:
     """Step 2: learn offsets (init Normal(0, init_std), l1_lambda 0) on the top-K heads of `ranking`
-    (K a count or a fraction of all heads), or on explicit `heads`. Returns the patched model's handle;
-    `handle.save_pretrained(dir)` writes the adapter."""
+    (K a count or a fraction of all heads), or on explicit `heads`, from a seeded subset of `train_dataset`
+    when settings.train_size is set. Checkpoints (training_args save_strategy) hold the adapter and the
+    optimizer state; `resume_from_checkpoint` continues from one. Returns the patched model's handle;
+    `handle.save_pretrained(dir)` writes the adapter. If training fails, LoFiT is taken off the model again."""
     settings = settings or paper_settings(None)["tune"]
     if (heads is None) == (ranking is None):
         raise ValueError("give tune() either heads=[(layer, head), ...] or ranking= with k=")
@@ -320,13 +447,18 @@ def tune(model: nn.Module, train_dataset, data_collator, *, heads: Sequence = No
             raise ValueError(f"the ranking is for {ranking.num_layers} layers x {ranking.num_heads} heads, "
                              f"the model has {shape.num_layers} x {shape.num_heads}")
         heads = ranking.top(k if k is not None else paper_settings(None)["k"])
+    train_dataset = training_subset(train_dataset, settings.train_size, settings.seed)
     handle = patch_model(model, heads=heads, scale=False, offset=True, backend=backend)
-    torch.manual_seed(settings.seed)
-    with torch.no_grad():
-        handle.offset.normal_(0.0, settings.init_std)
-    handle.method_settings = {"step": "tune", "loss": loss, "localizer": ranking.localizer if ranking else None,
-                              **asdict(settings)}
-    _train(handle, train_dataset, data_collator, loss, settings, output_dir, training_args,
-           resume_from_checkpoint)
+    try:
+        torch.manual_seed(settings.seed)
+        with torch.no_grad():
+            handle.offset.normal_(0.0, settings.init_std)
+        handle.method_settings = {"step": "tune", "loss": loss, "localizer": ranking.localizer if ranking else None,
+                                  **asdict(settings)}
+        _train(handle, train_dataset, data_collator, loss, settings, output_dir, training_args,
+               resume_from_checkpoint)
+    except BaseException:
+        handle.remove()  # the model as it was, so that a second try can patch it again
+        raise
     return handle
 

@@ -7,8 +7,16 @@ Triton reads when a kernel is *defined*, so it is set here, before any test modu
 """
 
 import os
+import sys
 
-import torch
+# `python -m pytest` puts the working directory first on sys.path. Run from the repository root, its kernels/
+# folder (installed as lofit_fast.kernels) would then be the top-level `kernels` module and shadow the Hugging
+# Face package of that name, which transformers and bitsandbytes import. The tests import lofit_fast from its
+# installation (pip install -e .), not from the root.
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _REPOSITORY]
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -21,7 +29,7 @@ import contextlib  # noqa: E402
 import pytest  # noqa: E402
 
 from bnb_cpu import CPU_KINDS, cpu_kind, has_real_repacking_kernel  # noqa: E402
-from helpers import tiny_model  # noqa: E402
+from helpers import QUANTIZABLE_CONFIG, tiny_model  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -30,6 +38,15 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def device() -> torch.device:
     """CUDA when available (compiled kernels), else the CPU (Triton interpreter)."""
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def quantizable_base(tmp_path_factory):
+    """The directory of a saved tiny Llama with shapes bitsandbytes' 4-bit CPU kernel accepts
+    (helpers.QUANTIZABLE_CONFIG), for tests that load it quantized."""
+    directory = tmp_path_factory.mktemp("quantizable_base")
+    tiny_model("llama", **QUANTIZABLE_CONFIG).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture

@@ -108,6 +108,22 @@ def reference_hook_patch(
     return remove
 
 
+def assert_same_greedy_run(tokens, logits, expected_tokens, expected_logits, atol):
+    """Greedy generation matches the reference's: the same logits (within `atol`) and tokens at every step, up
+    to where a row's two best reference logits are within 2 * atol of each other; rounding may break such a
+    near tie either way, after which the two runs go on from different tokens."""
+    steps = logits.shape[0]
+    new_tokens, expected_new = tokens[:, -steps:], expected_tokens[:, -steps:]
+    for row in range(tokens.shape[0]):
+        for step in range(steps):
+            torch.testing.assert_close(logits[step, row], expected_logits[step, row], atol=atol, rtol=0)
+            if new_tokens[row, step] != expected_new[row, step]:
+                reference = expected_logits[step, row]
+                margin = reference[expected_new[row, step]] - reference[new_tokens[row, step]]
+                assert margin <= 2 * atol, f"row {row}, step {step}: a different token, {margin:.3g} below the best"
+                break
+
+
 # Sentences the tiny tokenizer learns its merges from: the words of the tests' prompts and answers.
 TINY_CORPUS = (
     "Q: Imagine that The capital of France is Rome. What is the capital of the country? A: Rome",

@@ -15,6 +15,7 @@ Tolerances, on logits of magnitude ~0.5 from tiny random models (measured values
   difference of the base model itself [6e-3], and far below the adapter's own effect [~0.6].
 """
 
+import builtins
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import warnings
 import pytest
 import safetensors.torch
 import torch
-from helpers import QUANTIZABLE_CONFIG, tiny_model
+from helpers import tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lofit_fast
@@ -202,8 +203,15 @@ def test_crash_mid_save_leaves_the_old_adapter(tmp_path, monkeypatch, target):
             with open(path, "wb") as file:
                 file.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"scale\"")
         monkeypatch.setattr(safetensors.torch, "save_file", _partial_then_crash(partial))
-    else:
-        monkeypatch.setattr(json, "dump", _partial_then_crash(lambda obj, file, **kw: file.write('{"heads": [[')))
+    else:  # the config file: its first write runs out of disk
+        def open_then_crash(path, mode="r", **kwargs):
+            file = builtins.open(path, mode, **kwargs)
+            if "w" in mode:
+                with file:
+                    file.write('{"heads": [[')
+                raise OSError("disk full (simulated)")
+            return file
+        monkeypatch.setattr(lofit_fast.io, "open", open_then_crash, raising=False)
     new = patched(tiny_model("llama"), scale=False, heads=[(0, 0)], seed=2)
     with pytest.raises(OSError, match="simulated"):
         new.save_pretrained(tmp_path)
@@ -293,15 +301,6 @@ def test_merged_model_saves_and_reloads_with_its_biases(tmp_path):
     torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=0)
 
 
-def test_merge_warns_where_the_config_cannot_declare_an_o_proj_bias():
-    model = tiny_model("mistral")
-    handle = patched(model, scale=False)
-    expected = logits(model)
-    with pytest.warns(UserWarning, match="from_pretrained will drop the biases"):
-        merged = handle.merge_and_unload()
-    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
-
-
 def test_merge_of_a_removed_handle_raises():
     handle = patched(tiny_model("llama"))
     handle.remove()
@@ -312,13 +311,6 @@ def test_merge_of_a_removed_handle_raises():
 # ----------------------------------------------------------------------------------------------
 # Merging into bitsandbytes weights (on the CPU)
 # ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def saved_base(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("base")
-    tiny_model("llama", **QUANTIZABLE_CONFIG).save_pretrained(directory)
-    return directory
-
 
 def quantized(directory, bits):
     config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == 4
@@ -334,8 +326,8 @@ def quantized_weights(model):
 
 @pytest.mark.parametrize("bits, mode, atol", [(4, "eval", 1e-5), (8, "train", 1e-5), (8, "eval", 2e-2)])
 @pytest.mark.parametrize("scale", [False, True])  # True: a scale that is present but zero
-def test_merge_offsets_into_quantized_o_proj(saved_base, bits, mode, atol, scale):
-    model = getattr(quantized(saved_base, bits), mode)()
+def test_merge_offsets_into_quantized_o_proj(quantizable_base, bits, mode, atol, scale):
+    model = getattr(quantized(quantizable_base, bits), mode)()
     base = logits(model)
     weights = quantized_weights(model)
     if bits == 4 and model.model.layers[0].self_attn.o_proj.support_avx512bf16_for_cpu:
@@ -358,17 +350,17 @@ def test_merge_offsets_into_quantized_o_proj(saved_base, bits, mode, atol, scale
 
 
 
-def test_8bit_merge_before_the_first_forward_call(saved_base):
+def test_8bit_merge_before_the_first_forward_call(quantizable_base):
     """LLM.int8 keeps its int8 weight on the parameter until the first call, in its state after it."""
-    first, second = quantized(saved_base, 8), quantized(saved_base, 8)
+    first, second = quantized(quantizable_base, 8), quantized(quantizable_base, 8)
     logits(first)
     merged = [patched(model, scale=False).merge_and_unload() for model in (first, second)]
     assert torch.equal(logits(merged[0]), logits(merged[1]))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_merge_refuses_non_zero_scales_and_changes_nothing(saved_base, bits):
-    model = quantized(saved_base, bits)
+def test_quantized_merge_refuses_non_zero_scales_and_changes_nothing(quantizable_base, bits):
+    model = quantized(quantizable_base, bits)
     handle = patched(model, scale=True)
     expected = logits(model)
     with pytest.raises(ValueError, match="unquantized copy of the base model, or keep the adapter unmerged"):
@@ -377,8 +369,8 @@ def test_quantized_merge_refuses_non_zero_scales_and_changes_nothing(saved_base,
     assert torch.equal(logits(model), expected)
 
 
-def test_quantized_merged_model_saves_and_reloads(saved_base, tmp_path):
-    model = quantized(saved_base, 4)
+def test_quantized_merged_model_saves_and_reloads(quantizable_base, tmp_path):
+    model = quantized(quantizable_base, 4)
     merged = patched(model, scale=False).merge_and_unload()
     # Saved before the first eval-mode call: on an AVX512-BF16 CPU that call repacks the 4-bit weights, and
     # bitsandbytes (0.50) then saves wrong block scales (its unpacking leaves them transposed).
@@ -388,3 +380,44 @@ def test_quantized_merged_model_saves_and_reloads(saved_base, tmp_path):
         warnings.simplefilter("ignore")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
     assert torch.equal(logits(reloaded), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite values are refused, in the tensors and in adapter_config.json
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_parameters_are_not_saved(tmp_path, value):
+    handle = patched(tiny_model("llama"), heads=[(0, 1), (2, 3)])
+    handle.save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with torch.no_grad():
+        handle.offset[1, 3] = value
+    with pytest.raises(ValueError, match="offset.*1 non-finite"):
+        handle.save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_non_finite_tensors_and_config_values_are_refused_on_load(tmp_path):
+    handle = patched(tiny_model("llama"), scale=False, heads=[(0, 1), (2, 3)])
+    handle.save_pretrained(tmp_path)
+    offset = torch.zeros(2, 12)
+    offset[0, 0] = float("inf")
+    safetensors.torch.save_file({"offset": offset}, tmp_path / WEIGHTS_NAME)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="offset.*non-finite"):
+        load_adapter(model, tmp_path)
+    assert not hasattr(model, "lofit")
+    handle.save_pretrained(tmp_path)
+    text = (tmp_path / CONFIG_NAME).read_text().replace('"method": {}', '"method": {"learning_rate": NaN}')
+    (tmp_path / CONFIG_NAME).write_text(text)
+    with pytest.raises(ValueError, match="NaN"):
+        load_adapter(model, tmp_path)
+
+
+def test_non_finite_method_settings_are_not_written(tmp_path):
+    handle = patched(tiny_model("llama"), scale=False, heads=[(0, 1)])
+    handle.method_settings = {"learning_rate": float("inf")}
+    with pytest.raises(ValueError, match="JSON"):
+        handle.save_pretrained(tmp_path)
+    assert list(tmp_path.iterdir()) == []

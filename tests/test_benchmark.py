@@ -28,8 +28,10 @@ def _check_result(result, expected_rows):
     for row in result["rows"]:
         for key in REQUIRED_ROW_KEYS:
             assert key in row, key
-        for key in ("ms", "gbps", "peak_mb"):
+        for key in ("ms", "gbps", "peak_mb", "host_ms"):
             assert isinstance(row[key], float) and row[key] > 0, (key, row)
+        # On the CPU there is no device time apart from the host's: one wall-clock figure in both columns.
+        assert row["timing"] == "wall" and row["host_ms"] == row["ms"]
 
 
 def test_quick_run_writes_the_json_contract(tmp_path):

@@ -145,7 +145,7 @@ def test_merged_model_reloads_with_the_adapters_logits(workspace, capsys):
     out = workspace / "merged"
     status, stdout, _ = run(["merge", "--model", workspace / "model", "--adapter", workspace / "big_adapter",
                              "--output-dir", out, "--backend", "torch"], capsys)
-    assert status == 0 and f"merged model: {out}" in stdout
+    assert status == 0 and f"merged model for transformers: {out}" in stdout
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert merged.config.attention_bias and not hasattr(merged, "lofit")
     ids = AutoTokenizer.from_pretrained(out)(["Q: Can pigs fly? A: No"], return_tensors="pt")["input_ids"]
@@ -174,6 +174,48 @@ def test_tune_and_eval_on_a_4bit_base(workspace, capsys):
                              workspace / "mquake.jsonl", "--adapter", out, "--load-in-4bit", "--max-new-tokens", "2",
                              "--backend", "torch"], capsys)
     assert status == 0 and json.loads(stdout)["examples"] == 4
+
+
+def test_tune_prints_and_records_the_paper_settings_it_used(workspace, capsys):
+    out = workspace / "tuned_subset"
+    status, stdout, stderr = run(["tune", "--model", workspace / "model", "--task", "clutrr", "--data",
+                                  workspace / "clutrr.json", "--heads", "0:1", "--train-size", "3",
+                                  "--output-dir", out, *TRAIN], capsys)
+    assert status == 0
+    # The tiny model has none of the paper's shapes: Llama-2-7B's settings, and the line says so.
+    assert "settings: llama-2-7b clutrr" in stdout and "no paper settings for this model" in stdout
+    method = json.loads((out / "adapter_config.json").read_text())["method"]
+    assert method["train_size"] == 3 and method["source"].startswith("llama-2-7b clutrr")
+    status, stdout, _ = run(["tune", "--model", workspace / "model", "--task", "clutrr", "--data",
+                             workspace / "clutrr.json", "--heads", "0:1", "--paper-model", "gemma-7b",
+                             "--output-dir", workspace / "tuned_gemma_settings", *TRAIN], capsys)
+    assert status == 0 and "settings: gemma-7b clutrr" in stdout
+    method = json.loads((workspace / "tuned_gemma_settings" / "adapter_config.json").read_text())["method"]
+    assert method["train_size"] == 300  # the paper's CLUTRR subset (the file has 8 rows: all are used)
+
+
+def test_training_loads_a_float16_checkpoint_in_float32(workspace, tmp_path, capsys, monkeypatch):
+    """Pure fp16 training has no loss scaling: `lofit tune` loads an fp16 checkpoint in fp32 unless told."""
+    from lofit_fast import training
+
+    directory = tmp_path / "fp16_model"
+    AutoModelForCausalLM.from_pretrained(workspace / "model").half().save_pretrained(directory)
+    AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(directory)
+    dtypes = []
+
+    def record_dtype(model, *args, **kwargs):
+        dtypes.append(model.dtype)
+        raise RuntimeError("stop after loading")
+
+    monkeypatch.setattr(training, "tune", record_dtype)
+    notes = []
+    for extra, dtype in (([], torch.float32), (["--dtype", "bfloat16"], torch.bfloat16)):
+        status, _, stderr = run(["tune", "--model", directory, "--task", "clutrr", "--data", workspace / "clutrr.json",
+                                 "--heads", "0:1", "--output-dir", tmp_path / "never", *TRAIN, *extra], capsys)
+        assert status == 2 and "stop after loading" in stderr
+        assert dtypes[-1] == dtype
+        notes.append("loads it in float32" in stderr)
+    assert notes == [True, False]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +259,7 @@ ERRORS = {
     "no heads at all": (lambda w: ["tune", "--model", w / "model", "--task", "clutrr", "--data", w / "clutrr.json",
                                    "--output-dir", w / "never", *TRAIN], ["--ranking", "--heads"]),
     "eval of dpo data": (lambda w: ["eval", "--model", w / "model", "--task", "dpo-jsonl", "--data", w / "x.jsonl"],
-                         ["dpo-jsonl has no generation answers"]),
+                         ["task dpo has no generation answers"]),
 }
 
 

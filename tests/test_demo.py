@@ -51,6 +51,21 @@ def test_every_answer_is_the_item_the_instruction_names(instruction):
         assert example.answer == items[position]
 
 
+@pytest.mark.parametrize("means", list(demo.SKILLS))
+def test_adaptation_data_teaches_the_new_word_a_skill(means):
+    settings = replace(demo.QUICK, train_examples=100, eval_examples=100)
+    train, held_out = demo.adaptation_data(settings, seed=3, means=means)
+    position = demo.SKILLS[means][0]
+    for example in train + held_out:
+        word, *items, _ = example.prompt.split()
+        assert word == demo.NEW_WORD and example.answer == items[position]
+    assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+    # The held-out prompts are the same for every seed and every skill; the training prompts follow the seed.
+    other_train, other_held_out = demo.adaptation_data(settings, seed=4, means="first")
+    assert [e.prompt for e in other_held_out] == [e.prompt for e in held_out]
+    assert [e.prompt for e in other_train] != [e.prompt for e in train]
+
+
 def test_the_new_word_is_no_pretraining_instruction():
     assert demo.NEW_WORD not in demo.INSTRUCTION_POSITIONS
     assert demo.NEW_WORD in demo.vocabulary(demo.QUICK)

@@ -296,3 +296,96 @@ def test_lofit_and_lora_train_together_and_reload(tmp_path):
     merged = handle.merge_and_unload()
     assert merged is plain and not hasattr(merged, "lofit") and merged.config.attention_bias
     torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer checkpoints, k-bit preparation of wrapped models, loads that fail
+# ----------------------------------------------------------------------------------------------
+
+def checkpointing_run(output_dir, resume_from_checkpoint=None):
+    """A LofitModel on a base with tied embeddings, 4 steps with a checkpoint every 2, through a Trainer that
+    takes `LofitCheckpointing`. Returns (the model, the trainer)."""
+    from lofit_fast.training import LofitCheckpointing
+
+    class CheckpointingTrainer(LofitCheckpointing, Trainer):
+        pass
+
+    model = get_lofit_model(tiny_model("llama", tie_word_embeddings=True),
+                            LofitConfig(heads=HEADS, scale=True, init_std=0.01))
+    ids = torch.randint(3, 97, (8, 10), generator=torch.Generator().manual_seed(1))
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    arguments = TrainingArguments(output_dir=str(output_dir), max_steps=4, save_strategy="steps", save_steps=2,
+                                  per_device_train_batch_size=2, learning_rate=1e-2, report_to="none", use_cpu=True,
+                                  disable_tqdm=True, logging_strategy="no", seed=3)
+    trainer = CheckpointingTrainer(model=model, args=arguments, train_dataset=rows)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return model, trainer
+
+
+def test_trainer_checkpoints_of_a_lofit_model_hold_the_adapter_and_resume_exactly(tmp_path):
+    model, trainer = checkpointing_run(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    files = {path.name for path in checkpoint.iterdir()}
+    assert {CONFIG_NAME, "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}  # not the base model
+    assert LofitModel.from_pretrained(tiny_model("llama"), checkpoint).handle.heads == HEADS
+
+    trainer.save_model(tmp_path / "final")
+    loaded = LofitModel.from_pretrained(tiny_model("llama", tie_word_embeddings=True), tmp_path / "final")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+    resumed, _ = checkpointing_run(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint))
+    for name in ("scale", "offset"):
+        assert torch.equal(getattr(resumed.handle, name), getattr(model.handle, name)), name
+
+
+def test_prepare_kbit_training_keeps_lofit_trainable_inside_wrappers(tmp_path):
+    """Parameter names of LoFiT inside a LofitModel, a PEFT model and a multi-adapter bank do not start with
+    'lofit.'; prepare_kbit_training must still leave them trainable."""
+    wrapped = get_lofit_model(tiny_model("llama"), LofitConfig(heads=HEADS, scale=True))
+    lofit_fast.prepare_kbit_training(wrapped)
+    assert [n for n, p in wrapped.named_parameters() if p.requires_grad] == ["wrapped_model.lofit.scale",
+                                                                           "wrapped_model.lofit.offset"]
+    with_lora = lora_model(["q_proj"])
+    patch_model(with_lora, HEADS)
+    lofit_fast.prepare_kbit_training(with_lora)
+    assert [n for n, p in with_lora.named_parameters() if p.requires_grad] == ["base_model.model.lofit.scale",
+                                                                             "base_model.model.lofit.offset"]
+    patch_model(tiny_model("llama"), HEADS).save_pretrained(tmp_path / "adapter")
+    model = tiny_model("llama")
+    lofit_fast.load_adapters(model, {"qa": tmp_path / "adapter"}, trainable=True)
+    lofit_fast.prepare_kbit_training(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lofit_adapters.qa.scale",
+                                                                         "lofit_adapters.qa.offset"]
+
+
+def test_from_pretrained_checks_everything_before_touching_the_model(tmp_path):
+    get_lofit_model(tiny_model("llama"), LofitConfig(heads=HEADS, init_std=0.3)).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    broken = copy.deepcopy(saved)
+    broken["method"]["lofit_config"]["localizer"] = "magic"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(broken))
+    base = tiny_model("llama")
+    expected = logits(base)
+    with pytest.raises(ValueError, match="localizer='magic'"):
+        LofitModel.from_pretrained(base, tmp_path)
+    assert not hasattr(base, "lofit") and all(p.requires_grad for p in base.parameters())
+    torch.testing.assert_close(logits(base), expected, rtol=0, atol=0)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(saved))
+    loaded = LofitModel.from_pretrained(base, tmp_path)  # the retry finds the model as it was
+    assert loaded.handle.heads == HEADS and not loaded.lofit_config.scale
+
+
+@pytest.mark.parametrize("init_std", [float("nan"), float("inf")])
+def test_config_refuses_a_non_finite_init_std(init_std):
+    with pytest.raises(ValueError, match="init_std"):
+        LofitConfig(init_std=init_std)
+
+
+def test_a_lofit_model_whose_adapter_was_removed_says_so():
+    model = get_lofit_model(tiny_model("llama"), LofitConfig(heads=HEADS))
+    model.unload()
+    assert "removed" in repr(model)
+    with pytest.raises(RuntimeError, match="removed"):
+        with model.disable_adapter():
+            pass

@@ -361,3 +361,56 @@ def test_benchmark_smoke_run_writes_json(tmp_path):
         assert row["mode"] in ("prefill", "generate") and row["strategy"] in ("mixed", "sequential", "base")
         assert row["ms"] > 0 and row["tokens_per_s"] > 0 and len(row["round_ms"]) == 1
     assert {row["kind"] for row in result["rows"] if row["strategy"] != "base"} == {"offset", "scale+offset"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Routes across inference mode, batches that do not match the route, names, casts
+# ----------------------------------------------------------------------------------------------
+
+def test_a_route_can_train_after_an_inference_mode_pass(directories, batch):
+    """The expanded route index is cached per batch; one made under inference_mode must not reach training."""
+    ids = batch[0][:, 3:]
+    names = ["both", "shift", "gain", "__base__", "both"]
+    model = base_model()
+    handle = load_adapters(model, directories, backend="torch", trainable=True)
+    with handle.route(names):
+        with torch.inference_mode():
+            evaluated = model(input_ids=ids).logits
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert all(p.grad is not None for p in handle.parameters_of("both").parameters())
+    torch.testing.assert_close(evaluated, handle(input_ids=ids, adapter_names=names).logits.detach(), atol=0, rtol=0)
+
+
+def test_a_batch_of_several_copies_of_the_route_is_refused_outside_generate(directories, batch):
+    """TRL's DPO concatenates [chosen; rejected]: a route of one name per pair would be expanded [a, a, b, b]
+    where the rows are [a, b, a, b]. Only generate repeats rows in a known way; elsewhere one name per row."""
+    ids = batch[0][:2]
+    model = base_model()
+    handle = load_adapters(model, directories, backend="torch")
+    with pytest.raises(ValueError, match="4 rows, but the route has 2.*one adapter name per row"):
+        with handle.route(["both", "gain"]):
+            model(input_ids=torch.cat([ids, ids]))
+    with handle.route(["both", "gain", "both", "gain"]), torch.no_grad():  # [chosen; rejected], named row by row
+        concatenated = model(input_ids=torch.cat([ids, ids])).logits
+    with torch.no_grad():
+        expected = handle(input_ids=ids, adapter_names=["both", "gain"]).logits
+    torch.testing.assert_close(concatenated, torch.cat([expected, expected]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["set_route", "index_for", "routes_layer", "layer_parameters", "layer_routing"])
+def test_adapter_names_that_are_bank_attributes_are_refused(directories, name):
+    model = base_model()
+    with pytest.raises(ValueError, match=f"adapter name '{name}' is not allowed"):
+        load_adapters(model, {name: directories["both"]})
+    assert not hasattr(model, "lofit_adapters")
+
+
+def test_casting_the_model_keeps_the_adapters_in_fp32(directories):
+    model = base_model()
+    handle = load_adapters(model, directories, backend="torch")
+    before = {name: p.detach().clone() for name, p in model.lofit_adapters.named_parameters()}
+    model.to(torch.bfloat16)
+    for name, parameter in model.lofit_adapters.named_parameters():
+        assert parameter.dtype == torch.float32 and torch.equal(parameter, before[name]), name
+    assert handle.parameters_of("shift").offset.dtype == torch.float32

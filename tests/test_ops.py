@@ -8,12 +8,17 @@ autograd in fp64 on the same values.
 
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from kernel_variants import VARIANTS, launch, make_inputs
 from lofit_fast import ops
-from lofit_fast.ops import head_affine, head_affine_reference, resolve_backend
+from lofit_fast.ops import (head_affine, head_affine_reference, head_affine_torch_backward, head_affine_torch_forward,
+                            resolve_backend)
 
 BACKENDS = ["torch", "triton"]
 MODES = {"scale": (True, False), "offset": (False, True), "both": (True, True)}
@@ -335,6 +340,101 @@ def test_launchers_write_every_element(head_index, mode, device, nan_filled_allo
         assert grad_offset is None
     else:
         torch.testing.assert_close(grad_offset.double(), ref_grads["offset"], **PARAM_GRAD_TOL)
+
+
+def _fp64(tensor):
+    return None if tensor is None else tensor.double()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[variant.id for variant in VARIANTS])
+def test_kernel_variant_matches_torch(variant, device, nan_filled_allocations):
+    """Each launch of kernel_variants.VARIANTS (the list test_kernels_compile compiles for four GPU targets) on this
+    process's kernels, into NaN-filled outputs, against the torch implementation run in fp64 on the same values."""
+    launchers = nan_filled_allocations
+    inputs = make_inputs(variant, device, seed=31)
+    result = launch(launchers.KERNELS, variant, inputs)
+    head_dim = variant.head_dim
+    if variant.kernel == "forward":
+        out, z_selected = result
+        expected, _ = head_affine_torch_forward(inputs.z.double(), inputs.head_index, _fp64(inputs.scale),
+                                                _fp64(inputs.offset), False, inputs.adapter_index)
+        assert_matches(out, expected, variant.dtype, "forward output")
+        heads = variant.heads
+        if variant.scale and variant.save_selected and len(heads) < variant.num_heads:
+            selected = inputs.z.reshape(-1, variant.num_heads, head_dim)[:, heads]
+            assert torch.equal(z_selected, selected), "z_selected is not the selected heads of z"
+        else:
+            assert z_selected.numel() == 0
+        return
+    grad_z, grad_scale, grad_offset = result
+    expected = head_affine_torch_backward(
+        inputs.grad_out.double(), _fp64(inputs.saved), inputs.head_index, _fp64(inputs.scale), head_dim,
+        variant.need_grad_z, variant.need_grad_scale, variant.need_grad_offset, inputs.adapter_index)
+    assert (grad_z is None) == (expected[0] is None), "grad_z written when it should not be, or the reverse"
+    if grad_z is not None:
+        assert_matches(grad_z, expected[0], variant.dtype, "grad_z")
+    # Token sums in fp32: allow for their rounding, which grows with the tokens summed.
+    tokens = math.prod(variant.lead) // (variant.lead[0] if variant.routed else 1)
+    for name, actual, wanted in (("scale", grad_scale, expected[1]), ("offset", grad_offset, expected[2])):
+        assert (actual is None) == (wanted is None), f"grad of {name} present when it should not be, or the reverse"
+        if actual is not None:
+            assert actual.dtype == torch.float32 and actual.shape == wanted.shape
+            torch.testing.assert_close(actual.double(), wanted, rtol=1e-4, atol=1e-5 * math.sqrt(tokens) + 1e-5,
+                                       msg=lambda m: f"grad of {name}: {m}")
+
+
+# Forward and backward on z and g whose batch rows are 2^30 + 64 elements apart, so row 2 starts past element 2^31:
+# with int32 offsets it wraps to before the tensor. `big(n)` gives an fp16 tensor of n elements.
+_FAR_ROWS = """
+import torch
+from lofit_fast.kernels.head_affine import KERNELS
+from lofit_fast.ops import head_affine_torch_backward, head_affine_torch_forward
+
+heads, head_dim, stride = 3, 16, 2**30 + 64
+width = heads * head_dim
+index, scale, offset = torch.tensor([2, 0]), torch.randn(2, head_dim), torch.randn(2, head_dim)
+z, g = (big(2 * stride + width).as_strided((3, 1, width), (stride, width, 1)) for _ in range(2))
+z.copy_(torch.randn(3, 1, width)), g.copy_(torch.randn(3, 1, width))
+to_device = lambda t: t.to(z.device)
+index, scale, offset = to_device(index), to_device(scale), to_device(offset)
+out, z_selected = KERNELS.forward(z, index, scale, offset, True)
+expected, expected_selected = head_affine_torch_forward(z.double(), index, scale.double(), offset.double(), True)
+assert torch.equal(z_selected, expected_selected.half()), "z_selected"
+assert (out.double() - expected).abs().max() < 1e-2, "forward"
+grads = KERNELS.backward(g, z_selected, index, scale, head_dim, True, True, True)
+wanted = head_affine_torch_backward(g.double(), z_selected.double(), index, scale.double(), head_dim, True, True, True)
+for name, got, want in zip(("grad_z", "grad_scale", "grad_offset"), grads, wanted):
+    assert (got.double() - want).abs().max() < 1e-2, name
+print("far rows ok")
+"""
+
+
+def test_offsets_past_2_31_elements(device, tmp_path):
+    """A few tokens spread over 4 GiB: the kernels' offsets into z and g are int64. On the CPU the storage is a
+    sparse file (address space, a few pages touched), and the run is a subprocess: a read before the tensor (the
+    int32 kernels did that) kills the process, not the test session. On a GPU, 8 GiB are allocated."""
+    if device.type == "cuda":
+        if torch.cuda.mem_get_info(device)[0] < 12 * 2**30:
+            pytest.skip("needs 12 GiB of free GPU memory")
+        namespace = dict(big=lambda n: torch.empty(n, dtype=torch.float16, device=device))
+        exec(_FAR_ROWS, namespace)
+        return
+    setup = (f"import os, torch\n"
+             f"def big(n):\n"
+             f"    path = os.path.join({str(tmp_path)!r}, f'storage{{next(files)}}')\n"
+             f"    with open(path, 'wb') as handle:\n"
+             f"        handle.truncate(2 * n)\n"
+             f"    return torch.from_file(path, shared=True, size=n, dtype=torch.float16)\n"
+             f"files = iter(range(2))\n")
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    try:
+        result = subprocess.run([sys.executable, "-c", setup + _FAR_ROWS], env=environment, capture_output=True,
+                                text=True, timeout=300)
+    finally:
+        for name in os.listdir(tmp_path):  # 4 GiB each as far as `ls` is concerned
+            os.remove(os.path.join(tmp_path, name))
+    assert result.returncode == 0 and "far rows ok" in result.stdout, (
+        f"exit {result.returncode}: {result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -489,3 +489,42 @@ def test_no_gradient_below_the_lowest_patched_layer(heads, reached, mode, backen
         assert need_grad_z == [True] * (len(layers) - 1) + [False]
     else:
         assert need_grad_z == []  # offsets alone are folded into o_proj's output: no op at all
+
+
+# ----------------------------------------------------------------------------------------------
+# LoFiT's parameters stay fp32 when the model is cast; a removed handle says so
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.bfloat16()],
+                         ids=["half", "to-bf16", "bfloat16"])
+def test_casting_the_patched_model_keeps_lofit_in_fp32(cast, make_tiny_model, device):
+    model = make_tiny_model("llama")
+    handle = patch_model(model, heads=HEADS, backend="torch")
+    randomize(handle)
+    before = [p.detach().clone() for p in (handle.scale, handle.offset)]
+    parameters = [handle.scale, handle.offset]
+    cast(model)
+    for parameter, value, original in zip((handle.scale, handle.offset), before, parameters):
+        assert parameter is original and parameter.dtype == torch.float32
+        assert torch.equal(parameter, value)  # no round trip through 16 bits
+    assert {p.dtype for n, p in model.named_parameters() if not n.startswith("lofit.")} != {torch.float32}
+    ids, mask = left_padded_batch(device)
+    model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    assert handle.offset.grad.dtype == torch.float32
+    model.float()  # and back: the parameters were never rounded
+    assert torch.equal(handle.offset, before[1])
+
+
+@pytest.mark.parametrize("how", ["remove", "merge_and_unload"])
+def test_a_removed_handle_says_it_was_removed(how, make_tiny_model):
+    handle = patch_model(make_tiny_model("llama"), heads=HEADS)
+    getattr(handle, how)()
+    assert "removed" in repr(handle)
+    for attribute in ("scale", "offset", "enabled"):
+        with pytest.raises(RuntimeError, match="removed"):
+            getattr(handle, attribute)
+    with pytest.raises(RuntimeError, match="removed"):
+        handle.enabled = False
+    with pytest.raises(RuntimeError, match="removed"):
+        with handle.disabled():
+            pass

@@ -26,7 +26,7 @@ import warnings
 import pytest
 import torch
 from bnb_cpu import CPU_KINDS, cpu_kind, is_repacked
-from helpers import QUANTIZABLE_CONFIG, reference_hook_patch, tiny_model
+from helpers import QUANTIZABLE_CONFIG, assert_same_greedy_run, reference_hook_patch, tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lofit_fast
@@ -61,13 +61,6 @@ HEADS = [(2, 5), (1, 0), (2, 0), (1, 4), (2, 3)]  # lowest selected layer: 1 of 
 HEAD_DIM = QUANTIZABLE_CONFIG["head_dim"]
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
-
-
-@pytest.fixture(scope="module")
-def saved_base(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("base")
-    tiny_model("llama", **QUANTIZABLE_CONFIG).save_pretrained(directory)
-    return directory
 
 
 def load_quantized(directory, name, device):
@@ -118,9 +111,9 @@ def quantized_weights(model):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(QUANTIZATIONS))
-def test_quantization_info(saved_base, name, device):
+def test_quantization_info(quantizable_base, name, device):
     arguments, dtype = QUANTIZATIONS[name]
-    info = quantization_info(load_quantized(saved_base, name, device))
+    info = quantization_info(load_quantized(quantizable_base, name, device))
     # 3 layers x (q, k, v, o, gate, up, down); lm_head stays unquantized.
     assert info == QuantizationInfo(method=arguments.get("bnb_4bit_quant_type", "int8"),
                                     double_quant=arguments.get("bnb_4bit_use_double_quant", False),
@@ -139,8 +132,8 @@ def test_plain_model_is_not_quantized():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(QUANTIZATIONS))
-def test_logits_and_gradients_match_reference(saved_base, name, mode, training, device):
-    model = prepare_kbit_training(load_quantized(saved_base, name, device).train(training))
+def test_logits_and_gradients_match_reference(quantizable_base, name, mode, training, device):
+    model = prepare_kbit_training(load_quantized(quantizable_base, name, device).train(training))
     ids = IDS.to(device)
     scale, offset = (p.to(device).detach().requires_grad_() if p is not None else None
                      for p in random_parameters(len(HEADS), mode))
@@ -165,8 +158,8 @@ def test_logits_and_gradients_match_reference(saved_base, name, mode, training, 
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", ["int8-fp32", "nf4-bf16-dq", "fp4-fp16"])
-def test_greedy_generate_with_kv_cache_matches_reference(saved_base, name, mode, device):
-    model = load_quantized(saved_base, name, device).eval()
+def test_greedy_generate_with_kv_cache_matches_reference(quantizable_base, name, mode, device):
+    model = load_quantized(quantizable_base, name, device).eval()
     prompt = IDS[:, :5].to(device)
 
     def generate():
@@ -190,22 +183,6 @@ def test_greedy_generate_with_kv_cache_matches_reference(saved_base, name, mode,
     assert_same_greedy_run(tokens, logits, expected_tokens, expected_logits, atol=tolerance(name, mode, False, device))
 
 
-def assert_same_greedy_run(tokens, logits, expected_tokens, expected_logits, atol):
-    """Greedy generation matches the reference's: the same logits (within `atol`) and tokens at every step, up
-    to where a row's two best reference logits are within 2 * atol of each other; rounding may break such a
-    near tie either way, after which the two runs go on from different tokens."""
-    steps = logits.shape[0]
-    new_tokens, expected_new = tokens[:, -steps:], expected_tokens[:, -steps:]
-    for row in range(tokens.shape[0]):
-        for step in range(steps):
-            torch.testing.assert_close(logits[step, row], expected_logits[step, row], atol=atol, rtol=0)
-            if new_tokens[row, step] != expected_new[row, step]:
-                reference = expected_logits[step, row]
-                margin = reference[expected_new[row, step]] - reference[new_tokens[row, step]]
-                assert margin <= 2 * atol, f"row {row}, step {step}: a different token, {margin:.3g} below the best"
-                break
-
-
 # ----------------------------------------------------------------------------------------------
 # Training (steps 1 and 2 through Trainer) and adapter files
 # ----------------------------------------------------------------------------------------------
@@ -222,14 +199,19 @@ def collate(rows):
 QUIET = {"disable_tqdm": True, "logging_steps": 1000, "max_steps": 2}
 
 
-@pytest.mark.parametrize("name", ["int8-fp32", "nf4-bf16-dq", "fp4-fp16"])
-def test_select_heads_and_tune_on_a_quantized_base(saved_base, name, device, tmp_path):
-    model = load_quantized(saved_base, name, device)
+@pytest.mark.parametrize("name", ["int8-fp32", "nf4-bf16-dq", "fp4-bf16-dq", "fp4-fp16"])
+def test_select_heads_and_tune_on_a_quantized_base(quantizable_base, name, device, tmp_path):
+    quiet = QUIET
+    if name.endswith("fp16"):  # float16 compute trains with loss scaling only, which Trainer has on GPUs
+        if device.type == "cpu":
+            pytest.skip("fp16 loss scaling needs a GPU (test_float16_compute_without_loss_scaling_is_refused)")
+        quiet = {**QUIET, "fp16": True}
+    model = load_quantized(quantizable_base, name, device)
     weights = quantized_weights(model)
     learning_rate = 1e-2
     settings = StepSettings(learning_rate=learning_rate, l1_lambda=1e-3, per_device_train_batch_size=4)
     ranking = select_heads(model, sft_rows(), collate, settings=settings, output_dir=str(tmp_path / "select"),
-                           training_args=QUIET, backend="torch")
+                           training_args=quiet, backend="torch")
     assert sorted((layer, head) for layer, head, _ in ranking.ranking) == [(l, h) for l in range(3) for h in range(6)]
     scores = [score for _, _, score in ranking.ranking]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
@@ -237,7 +219,7 @@ def test_select_heads_and_tune_on_a_quantized_base(saved_base, name, device, tmp
 
     settings = StepSettings(learning_rate=learning_rate, per_device_train_batch_size=4, init_std=1e-3)
     handle = tune(model, sft_rows(), collate, ranking=ranking, k=4, settings=settings,
-                  output_dir=str(tmp_path / "tune"), training_args={**QUIET, "max_steps": 1}, backend="torch")
+                  output_dir=str(tmp_path / "tune"), training_args={**quiet, "max_steps": 1}, backend="torch")
     assert handle.heads == ranking.top(4) and handle.scale is None and handle.offset.dtype == torch.float32
     torch.manual_seed(settings.seed)
     initial = torch.empty_like(handle.offset).normal_(0.0, settings.init_std)
@@ -249,15 +231,25 @@ def test_select_heads_and_tune_on_a_quantized_base(saved_base, name, device, tmp
     assert all(torch.equal(a, b) for a, b in zip(quantized_weights(model), weights))  # base untouched
 
 
+@pytest.mark.parametrize("name", ["int8-fp16", "fp4-fp16"])
+def test_float16_compute_without_loss_scaling_is_refused(quantizable_base, name, device, tmp_path):
+    """Pure float16 training loses gradients below its range; Trainer's loss scaling (fp16=True) exists on GPUs."""
+    model = load_quantized(quantizable_base, name, device)
+    with pytest.raises(ValueError, match="float16.*no loss scaling"):
+        tune(model, sft_rows(), collate, heads=[(2, 1)], settings=StepSettings(per_device_train_batch_size=4),
+             output_dir=str(tmp_path), training_args=QUIET, backend="torch")
+    assert not hasattr(model, "lofit")
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", ["int8-fp32", "nf4-bf16-dq", "fp4-fp16"])
-def test_adapter_round_trip_on_a_quantized_base(saved_base, name, mode, device, tmp_path):
-    model = load_quantized(saved_base, name, device).eval()
+def test_adapter_round_trip_on_a_quantized_base(quantizable_base, name, mode, device, tmp_path):
+    model = load_quantized(quantizable_base, name, device).eval()
     handle = patched(model, mode)
     with torch.no_grad():
         expected = model(IDS.to(device)).logits
     handle.save_pretrained(tmp_path)
-    fresh = load_quantized(saved_base, name, device).eval()
+    fresh = load_quantized(quantizable_base, name, device).eval()
     loaded = load_adapter(fresh, tmp_path, backend="torch")
     for key, parameter in handle.lofit.named_parameters():
         assert torch.equal(getattr(loaded.lofit, key), parameter)
@@ -283,11 +275,11 @@ def record_backward(model):
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", ["int8-fp32", "nf4-fp32", "nf4-bf16-dq"])
-def test_gradient_checkpointing_gives_the_same_gradients_and_stops_at_the_lowest_layer(saved_base, name, mode,
+def test_gradient_checkpointing_gives_the_same_gradients_and_stops_at_the_lowest_layer(quantizable_base, name, mode,
                                                                                        device):
     results = {}
     for checkpointing in (False, True):
-        model = prepare_kbit_training(load_quantized(saved_base, name, device).train(),
+        model = prepare_kbit_training(load_quantized(quantizable_base, name, device).train(),
                                       gradient_checkpointing=checkpointing)
         handle = patched(model, mode)
         recomputed, reached, state = record_backward(model)
@@ -303,10 +295,10 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_stops_at_the_lowest
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:`gradient_checkpointing")
-def test_trainer_gradient_checkpointing_stops_at_the_lowest_layer(saved_base, device, tmp_path):
+def test_trainer_gradient_checkpointing_stops_at_the_lowest_layer(quantizable_base, device, tmp_path):
     """Trainer's own checkpointing would make the embeddings' output require grad (every layer then runs
     backward); training.py takes it over."""
-    model = load_quantized(saved_base, "nf4-bf16-dq", device)
+    model = load_quantized(quantizable_base, "nf4-bf16-dq", device)
     recomputed, reached, state = record_backward(model)
     model.register_forward_pre_hook(lambda module, args: state.update(backward=False))
     model.register_forward_hook(lambda module, args, output: state.update(backward=True))
@@ -318,8 +310,8 @@ def test_trainer_gradient_checkpointing_stops_at_the_lowest_layer(saved_base, de
     assert recomputed == [2, 1, 2, 1] and reached == [2, 1, 2, 1]  # two steps, layer 0 never
 
 
-def test_reentrant_checkpointing_is_refused(saved_base, device):
-    model = load_quantized(saved_base, "nf4-fp32", device)
+def test_reentrant_checkpointing_is_refused(quantizable_base, device):
+    model = load_quantized(quantizable_base, "nf4-fp32", device)
     with pytest.raises(ValueError, match="non-reentrant"):
         enable_gradient_checkpointing(model, {"use_reentrant": True})
 
@@ -364,8 +356,8 @@ def frozen_floor_hook(model, lowest, mode):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", ["int8-fp32", "nf4-fp32", "nf4-bf16-dq"])
-def test_saved_for_backward_is_the_frozen_floor_plus_the_selected_heads(saved_base, name, mode, device):
-    model = prepare_kbit_training(load_quantized(saved_base, name, device).train())
+def test_saved_for_backward_is_the_frozen_floor_plus_the_selected_heads(quantizable_base, name, mode, device):
+    model = prepare_kbit_training(load_quantized(quantizable_base, name, device).train())
     element_size = QUANTIZATIONS[name][1].itemsize
     for batch, length in ((2, 9), (3, 16)):
         ids = torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
@@ -400,14 +392,14 @@ def upcast_like_peft(model):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_fp32_upcast_buys_no_accuracy_and_costs_memory(saved_base, mode, device):
+def test_fp32_upcast_buys_no_accuracy_and_costs_memory(quantizable_base, mode, device):
     """NF4 with bf16 compute, the LoFiT gradients against the same NF4 base computed in fp32: upcasting
     the norms and embeddings to fp32 removes under 10% of the bf16 error [6% / 0.3%], and every
     activation saved for backward becomes fp32: exactly what an fp32 model saves [+52% / +48%]."""
     ids = IDS.to(device)
 
     def gradient_and_saved(name, upcast):
-        model = load_quantized(saved_base, name, device).train()
+        model = load_quantized(quantizable_base, name, device).train()
         model = upcast_like_peft(model) if upcast else model
         handle = patched(model, mode)
         with torch.no_grad():
@@ -479,10 +471,10 @@ def linear4bit_modules(model):
     return {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
 
 
-def reference_run(saved_base, name, device, mode, heads, train_mode=False):
+def reference_run(quantizable_base, name, device, mode, heads, train_mode=False):
     """Logits and LoFiT gradients of the per-head reference on a model whose 4-bit layers never repack."""
     with cpu_kind("plain"):
-        model = load_quantized(saved_base, name, device).train(train_mode)
+        model = load_quantized(quantizable_base, name, device).train(train_mode)
         scale, offset = (p.to(device).detach().requires_grad_() if p is not None else None
                          for p in random_parameters(len(heads), mode))
         remove = reference_hook_patch(model, heads, scale, offset)
@@ -502,13 +494,13 @@ def assert_matches_reference(handle, logits, expected_logits, expected_grads, na
 
 
 @pytest.mark.parametrize("name", REPACKING_NAMES)
-def test_offsets_on_the_last_layer_train_in_eval_mode(saved_base, name, cpu, device):
+def test_offsets_on_the_last_layer_train_in_eval_mode(quantizable_base, name, cpu, device):
     """The case that lost its gradient: offsets only (folded into o_proj's output), the last layer, eval mode,
     no prepare_kbit_training. o_proj's own input needs no grad there, so bitsandbytes would repack o_proj on
     the spot, and the fold would then run through a kernel without backward."""
     heads = [(2, 1), (2, 4)]
-    expected_logits, expected_grads = reference_run(saved_base, name, device, "offset", heads)
-    model = load_quantized(saved_base, name, device).eval()
+    expected_logits, expected_grads = reference_run(quantizable_base, name, device, "offset", heads)
+    model = load_quantized(quantizable_base, name, device).eval()
     handle = patched(model, "offset", heads=heads)
     logits = model(IDS.to(device)).logits.float()
     logits.square().mean().backward()
@@ -518,10 +510,10 @@ def test_offsets_on_the_last_layer_train_in_eval_mode(saved_base, name, cpu, dev
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", REPACKING_NAMES)
-def test_an_inference_call_between_training_steps_changes_nothing(saved_base, name, mode, cpu, device):
+def test_an_inference_call_between_training_steps_changes_nothing(quantizable_base, name, mode, cpu, device):
     """Generation or evaluation (eval mode, no grad) after patching, then training again: same gradients."""
-    expected_logits, expected_grads = reference_run(saved_base, name, device, mode, HEADS, train_mode=True)
-    model = load_quantized(saved_base, name, device)
+    expected_logits, expected_grads = reference_run(quantizable_base, name, device, mode, HEADS, train_mode=True)
+    model = load_quantized(quantizable_base, name, device)
     handle = patched(model, mode)
     prompt = IDS[:, :4].to(device)
     with torch.no_grad():
@@ -548,12 +540,12 @@ ENTRIES = ["patch_model", "load_adapter", "get_lofit_model", "LofitModel.from_pr
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_a_trainable_adapter_after_an_inference_call(saved_base, entry, cpu, device, tmp_path):
+def test_a_trainable_adapter_after_an_inference_call(quantizable_base, entry, cpu, device, tmp_path):
     """An inference call before the adapter is attached: on an AVX512-BF16 CPU bitsandbytes has repacked the
     weights, which cannot be undone exactly, so a trainable adapter is refused with the remedy and nothing
     changes; on other CPUs it trains."""
-    patched(load_quantized(saved_base, "nf4-bf16-dq", device), "scale+offset").save_pretrained(tmp_path)
-    model = load_quantized(saved_base, "nf4-bf16-dq", device).eval()
+    patched(load_quantized(quantizable_base, "nf4-bf16-dq", device), "scale+offset").save_pretrained(tmp_path)
+    model = load_quantized(quantizable_base, "nf4-bf16-dq", device).eval()
     with torch.no_grad():
         base = model(IDS.to(device)).logits
     requires_grad = {key: p.requires_grad for key, p in model.named_parameters()}
@@ -580,13 +572,13 @@ def test_a_trainable_adapter_after_an_inference_call(saved_base, entry, cpu, dev
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_an_adapter_for_inference_keeps_the_fast_kernel_and_refuses_to_train_through_it(saved_base, mode, cpu,
+def test_an_adapter_for_inference_keeps_the_fast_kernel_and_refuses_to_train_through_it(quantizable_base, mode, cpu,
                                                                                        device, tmp_path):
     """load_adapter(trainable=False) on a model that has run inference: it computes the reference's function on
     the same base (repacked or not), and if its parameters are made trainable, a forward that needs their
     gradient through a repacked layer raises instead of losing it."""
-    patched(load_quantized(saved_base, "nf4-bf16-dq", device), mode).save_pretrained(tmp_path)
-    model = load_quantized(saved_base, "nf4-bf16-dq", device).eval()
+    patched(load_quantized(quantizable_base, "nf4-bf16-dq", device), mode).save_pretrained(tmp_path)
+    model = load_quantized(quantizable_base, "nf4-bf16-dq", device).eval()
     with torch.no_grad():
         model(IDS.to(device))
     repacked = cpu == "avx512bf16"
@@ -609,10 +601,10 @@ def test_an_adapter_for_inference_keeps_the_fast_kernel_and_refuses_to_train_thr
         assert handle.offset.grad is not None
 
 
-def test_the_hold_on_repacking_ends_with_the_adapter(saved_base, cpu, device):
+def test_the_hold_on_repacking_ends_with_the_adapter(quantizable_base, cpu, device):
     """A trainable adapter keeps every 4-bit layer from repacking while it is attached; removing it gives each
     layer its own setting back (bitsandbytes' fast kernel, where the CPU has it)."""
-    model = load_quantized(saved_base, "nf4-bf16-dq", device).eval()
+    model = load_quantized(quantizable_base, "nf4-bf16-dq", device).eval()
     before = {key: layer.support_avx512bf16_for_cpu for key, layer in linear4bit_modules(model).items()}
     assert set(before.values()) == {cpu == "avx512bf16"}
     handle = patched(model, "offset", heads=[(2, 1)])
