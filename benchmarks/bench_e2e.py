@@ -4,12 +4,13 @@
     python benchmarks/bench_e2e.py --models llama2-13b --quant nf4
     python benchmarks/bench_e2e.py --quick                          # CPU smoke run
 
-Options, what is measured and the JSON format: lofit_fast/benchmark_e2e.py (or `--help`).
+Options, what is measured and the JSON format: benchmarks/README.md (or `--help`);
+the code: lofit_fast/bench/e2e.py.
 """
 
 import sys
 
-from lofit_fast.benchmark_e2e import main
+from lofit_fast.bench.e2e import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,12 +4,13 @@
     python benchmarks/bench_kernels.py --quick
     python benchmarks/bench_kernels.py --cpu-target
 
-Options, what is measured and the JSON format: lofit_fast/benchmark.py (or `--help`).
+Options, what is measured and the JSON format: benchmarks/README.md (or `--help`);
+the code: lofit_fast/bench/kernels.py.
 """
 
 import sys
 
-from lofit_fast.benchmark import main
+from lofit_fast.bench.kernels import main
 
 if __name__ == "__main__":
     sys.exit(main())

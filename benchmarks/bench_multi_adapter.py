@@ -5,12 +5,13 @@
     python benchmarks/bench_multi_adapter.py --device cuda --layers 32 --hidden 4096 --heads 32 \
         --intermediate 11008 --vocab 32000 --batch 64 --seq 512 --new-tokens 64
 
-Options, what is measured and the JSON format: lofit_fast/benchmark_multi.py (or `--help`).
+Options, what is measured and the JSON format: benchmarks/README.md (or `--help`);
+the code: lofit_fast/bench/multi.py.
 """
 
 import sys
 
-from lofit_fast.benchmark_multi import main
+from lofit_fast.bench.multi import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,30 +1,16 @@
 """Compile the head_affine kernels for CUDA targets on a machine without a GPU, and read what came out.
 
-Triton compiles for the current target of its active driver. `CrossCompiler(arch)` installs a driver whose
-target is `GPUTarget("cuda", arch, 32)` and whose benchmarker runs nothing, and builds the kernels with
-`HeadAffineKernels(compile_only=True)`: calls of its `forward` / `backward` launchers go through the code a GPU
-runs (argument specialization, autotune keys and pruning, the grid), and every launch compiles instead of
-running. The PTX goes through the ptxas inside the triton wheel to a cubin for that architecture. Tensors can be
-on the meta device: only shapes, strides, dtypes and the alignment of data_ptr() (0 there) matter.
+`CrossCompiler(arch)` installs a Triton driver whose target is `GPUTarget("cuda", arch, 32)` and whose
+benchmarker runs nothing, and builds the kernels with `HeadAffineKernels(compile_only=True)`: launches go through
+the code a GPU runs (specialization, autotune keys and pruning, the grid) and compile instead of running; the
+triton wheel's ptxas makes the cubin. Tensors may be on the meta device.
 
     with CrossCompiler(90) as compiler:
         compiler.forward(z, head_index, scale, offset, True)       # z etc. on the meta device
     for launch in compiler.launches: ...                          # kernel name, kept configs, binaries
 
-Which configs compile: the autotuner hands the fake benchmarker each config that the pruning kept. With
-`preference=None` each of them is compiled (the static report); with a function of (kernel name, config) only
-the kept config it ranks lowest is (ties: the pruning's order), so that a suite can spread the kept configs
-over its launches and compile each launch once.
-
-`resources` and `memory_accesses` read a cubin with the cuobjdump and nvdisasm of the wheel (registers, spills,
-shared memory; the width and source line of every global load and store); `ptx_memory_accesses` reads the same
-from the PTX when nvdisasm is missing.
-
-Triton internals this relies on (checked by `unavailable_reason`): `triton.runtime.driver.set_active` (and
-its `_active` attribute, to restore the driver that was active), `triton.backends.compiler.GPUTarget`, the
-benchmarker protocol of the autotuner (`driver.active.get_benchmarker()`), `JITFunction.add_pre_run_hook` and
-`JITFunction.run(..., warmup=True)`, `Autotuner.fn` / `.configs`, `CompiledKernel.asm`, and the tool paths in
-`triton.knobs.nvidia` (or the wheel's backends/nvidia/bin folder).
+`resources` / `memory_accesses` read a cubin (registers, spills, the width of every global access). Which
+configs compile, and the Triton internals this relies on (checked by `unavailable_reason`): kernels/README.md.
 """
 
 import os

@@ -1,42 +1,15 @@
-"""Triton kernels for the LoFiT head transform of one layer.
+"""Triton kernels for the LoFiT head transform of one layer, and their host launchers.
 
     z'_h = (1 + A_h) * z_h + v_h   for the selected heads h, z'_h = z_h for the others
 
 `z` is the input of `o_proj`, viewed as (batch, tokens, num_heads * head_dim). `head_index[k]` is the
-head that slot `k` of `scale` / `offset` (each (K, head_dim), fp32) belongs to.
+head that slot `k` of `scale` / `offset` (each (K, head_dim), fp32) belongs to. Routed (many adapters in one
+batch): `scale` / `offset` are (A, K, head_dim) and `adapter_index` (B,) names each row's adapter (-1: none).
 
-Many adapters in one batch (ROUTED): `scale` / `offset` are (A, K, head_dim) and `adapter_index` (B,) names
-the adapter of each row of z along dim 0 (-1: none, the row is copied unchanged). The same two kernels run
-with the constexpr ROUTED; without it all tokens form one row.
-
-Why the kernels look like this:
-- The op is out of place. `z` is usually the freshly made `.contiguous()` output of attention, but
-  with some attention implementations it is a view of a tensor that attention saved for its own
-  backward, so writing into it would corrupt that. The copy of unselected heads is the only work
-  on them, and it is fused into the same single pass that transforms the selected heads.
-- Forward grid (token blocks, heads): each program reads its (BLOCK_T, head_dim) tile of z once and
-  writes it once. When the scale is trained, the selected heads' tiles are also written to
-  `z_selected` (tokens, K, head_dim): the only activation backward needs, K/H of z instead of all.
-- Backward grid (token chunks, heads or slots): each program walks its chunk of tokens in tiles of
-  BLOCK_T, loads the tile of g (and of the saved z) before it stores anything, writes grad_z (g scaled
-  on the selected heads, copied elsewhere), and adds g * z and g into two (BLOCK_T, head_dim) fp32 tiles.
-  It reduces them over tokens once, after the loop, into one fp32 partial row per grid column (head or
-  slot); the host sums the (chunks, columns, head_dim) partials with one `sum` (and picks the selected
-  heads' rows). No atomics: deterministic for a fixed config.
-- Without a scale, grad_z is g itself (the caller returns it, no pass), and the grid walks only the
-  selected heads' columns of g (axis 1 = slots) to sum them.
-- Routed backward: a chunk is part of one batch row, never two, so its partial sums belong to one adapter
-  and its grad_z multiplier is one row of scale. The launcher returns the sums per batch row,
-  (B, K, head_dim); `lofit_fast.ops` reduces rows to adapters (same code for both backends).
-- Offsets into z, g and the outputs are int64: one layer of a 13B model passes 2^31 elements at about
-  419k tokens. Token indices stay int32 (the launchers refuse 2^31 tokens or more).
-- Everything is computed in fp32 and cast on store (bf16 math is also wrong under the interpreter).
-
-How they run: `HeadAffineKernels(interpreted, compile_only)` turns the two kernel functions into Triton
-kernels in one mode and holds the host launchers. The module's `head_affine_forward` /
-`head_affine_backward` are those of the mode Triton was imported in (compiled, or TRITON_INTERPRET=1);
-`compile_only=True` builds compiled kernels whose launches compile without running, which is how
-`lofit_fast.kernels.cross_compile` checks every variant against real CUDA targets on a machine without a GPU.
+`head_affine_forward` / `head_affine_backward` are the launchers of the mode Triton was imported in (compiled,
+or TRITON_INTERPRET=1); `HeadAffineKernels(interpreted, compile_only)` builds either mode, and `compile_only=True`
+is how `lofit_fast.kernels.cross_compile` compiles them for CUDA targets without a GPU. Why the kernels look as
+they do (out of place, the grids, no atomics, int64 offsets, fp32 math): kernels/README.md.
 """
 
 import math
@@ -48,7 +21,6 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
-
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -75,7 +47,7 @@ def _head_affine_forward_kernel(
     # seq_len == 1 when the rows are evenly spaced, which Triton specializes and folds away.
     batch = tokens // seq_len
     z_rows = batch.to(tl.int64) * stride_zb + (tokens - batch * seq_len).to(tl.int64) * stride_zt
-    z_offsets = z_rows[:, None] + ((head * HEAD_DIM + cols) * stride_zc)[None, :]
+    z_offsets = z_rows[:, None] + ((head * HEAD_DIM + cols).to(tl.int64) * stride_zc)[None, :]
     out_offsets = tokens.to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + (head * HEAD_DIM + cols)[None, :]
     z = tl.load(z_ptr + z_offsets, mask=mask, other=0.0)
 
@@ -143,7 +115,7 @@ def _head_affine_backward_kernel(
 
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < HEAD_DIM
-    g_cols = ((head * HEAD_DIM + cols) * stride_gc)[None, :]
+    g_cols = ((head * HEAD_DIM + cols).to(tl.int64) * stride_gc)[None, :]
     out_cols = (head * HEAD_DIM + cols)[None, :]
     # Program pid_t covers chunk (pid_t % chunks_per_row) of batch row (pid_t // chunks_per_row), clipped to
     # that row. Without ROUTED the launcher passes one row of all tokens.
@@ -181,7 +153,7 @@ def _head_affine_backward_kernel(
                     saved_cols = head * HEAD_DIM + cols
                 else:
                     saved_cols = slot * HEAD_DIM + cols
-                saved_offsets = saved_rows[:, None] + (saved_cols * stride_sc)[None, :]
+                saved_offsets = saved_rows[:, None] + (saved_cols.to(tl.int64) * stride_sc)[None, :]
                 z = tl.load(saved_ptr + saved_offsets, mask=mask, other=0.0).to(tl.float32)
                 sum_gz += g * z
             if NEED_GRAD_OFFSET:

@@ -8,12 +8,13 @@ from .multi import MultiAdapterHandle, load_adapters
 from .ops import head_affine
 from .patch import ARCHITECTURES, LofitHandle, patch_model, register_architecture
 from .tuning import warmup
+from .version import __version__
 
 # The training steps import transformers' Trainer and the k-bit helpers bitsandbytes (seconds each):
 # loaded on first use, so `import lofit_fast` and patch_model stay quick.
 _LAZY = {"prepare_kbit_training": "quantization", "quantization_info": "quantization",
-         "select_heads": "training", "tune": "training", "HeadRanking": "training", "StepSettings": "training",
-         "paper_settings": "training", "random_ranking": "training", "LofitCheckpointing": "training",
+         "select_heads": "training", "tune": "training", "HeadRanking": "ranking", "StepSettings": "training",
+         "paper_settings": "training", "random_ranking": "ranking", "LofitCheckpointing": "training",
          "probe_ranking": "probing",
          "LofitConfig": "lofit_model", "LofitModel": "lofit_model", "get_lofit_model": "lofit_model"}
 
@@ -25,7 +26,7 @@ def __getattr__(name):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'lofit_fast' has no attribute {name!r}")
 
-__version__ = "0.1.0"
+
 
 __all__ = ["patch_model", "LofitHandle", "register_architecture", "ARCHITECTURES", "head_affine", "load_adapter",
            "load_adapters", "MultiAdapterHandle", "warmup",

@@ -12,6 +12,7 @@ Merging an adapter into the weights is `lofit_fast.merge`.
 
 import json
 import os
+import uuid
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from .io import write_config_and_weights
 from .patch import AttentionShape, LofitHandle, attach, attention_shape, base_transformer
+from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,23 +47,20 @@ class AdapterConfig:
     offset: bool
     method: dict = field(default_factory=dict)  # the training settings (handle.method_settings)
     target_module: Optional[str] = None  # patch_model's target_module; None: the architecture's o_proj
+    # A random id written into both files at each save: a crash between the two renames (new weights beside the
+    # old config) is then detected on load instead of read as a mismatched pair. None in adapters saved before.
+    save_id: Optional[str] = None
 
     def shape_text(self) -> str:
         return (f"{self.num_layers} layers x {self.num_heads} heads (head_dim {self.head_dim}) "
                 f"of {self.architecture}")
 
 
-def library_version() -> str:
-    from . import __version__  # imported here: lofit_fast/__init__.py imports this module
-
-    return __version__
-
-
 def adapter_config(handle: LofitHandle) -> AdapterConfig:
     """The AdapterConfig describing `handle`'s adapter."""
     config = handle.model.config
     return AdapterConfig(
-        lofit_fast_version=library_version(),
+        lofit_fast_version=__version__,
         architecture=config.model_type,
         base_model_name_or_path=getattr(config, "_name_or_path", None) or None,
         num_layers=handle.num_layers,
@@ -128,6 +127,8 @@ def _check_config(config: AdapterConfig, path: str) -> None:
         fail(f"architecture must be a string (the model_type), not {config.architecture!r}")
     if config.base_model_name_or_path is not None and not isinstance(config.base_model_name_or_path, str):
         fail(f"base_model_name_or_path must be a string or null, not {config.base_model_name_or_path!r}")
+    if config.save_id is not None and not isinstance(config.save_id, str):
+        fail(f"save_id must be a string or null, not {config.save_id!r}")
     if config.target_module is not None and (not isinstance(config.target_module, str) or not config.target_module):
         fail(f"target_module must be a dotted module path or null, not {config.target_module!r}")
     if not isinstance(config.method, dict):
@@ -172,13 +173,17 @@ def write_adapter(directory, config: AdapterConfig, tensors: dict[str, torch.Ten
 
     Both files are first written in full to temporary files in `directory` and flushed to disk; only
     then is the weights file renamed over the old one, and the config right after it (`io.write_config_and_weights`).
-    An error or a crash while writing leaves an existing adapter as it was and no temporary files behind. NaN or
+    An error or a crash while writing leaves an existing adapter as it was and no temporary files behind; a
+    crash between the two renames leaves files of two saves, which share no `save_id`, and loading them is
+    refused (ValueError: save again). NaN or
     infinite values, in the tensors or in the config (strict JSON), are refused (ValueError) before anything is
     written.
     """
     _check_finite(tensors, "the adapter's parameters hold", " (training diverged?); nothing was saved")
+    save_id = uuid.uuid4().hex
     try:
-        write_config_and_weights(directory, CONFIG_NAME, asdict(config), WEIGHTS_NAME, tensors, {"format": "pt"})
+        write_config_and_weights(directory, CONFIG_NAME, {**asdict(config), "save_id": save_id}, WEIGHTS_NAME,
+                                 tensors, {"format": "pt", "save_id": save_id})
     except ValueError as error:  # raised before writing: the config is not strict JSON
         raise ValueError(f"{error}; the free-form part is the training settings, handle.method_settings; "
                          f"nothing was saved") from None
@@ -197,9 +202,14 @@ def read_tensors(directory, config: AdapterConfig) -> dict[str, torch.Tensor]:
     try:
         with safetensors.safe_open(path, framework="pt", device="cpu") as file:
             tensors = {name: file.get_tensor(name) for name in file.keys()}
+            metadata = file.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); "
                          f"it may be truncated or corrupt: save the adapter again") from None
+    if config.save_id is not None and metadata.get("save_id") != config.save_id:
+        raise ValueError(f"{path} and {CONFIG_NAME} beside it come from different saves (save_id "
+                         f"{metadata.get('save_id')!r} vs {config.save_id!r}): a save into this directory was "
+                         f"interrupted between writing the two files; save the adapter again")
     expected = [name for name in ("scale", "offset") if getattr(config, name)]
     if sorted(tensors) != sorted(expected):
         raise ValueError(f"{path} holds the tensors {sorted(tensors)}, but {CONFIG_NAME} says "
@@ -245,6 +255,11 @@ def check_compatible(config: AdapterConfig, model: nn.Module, directory) -> None
 def load_adapter(model: nn.Module, directory, backend: str = "auto", trainable: bool = True) -> LofitHandle:
     """Patch `model` with the adapter saved in `directory` and return the handle.
 
+    Args:
+        model: the base model the adapter was saved for (a PEFT model gets it inside, as with patch_model).
+        directory: written by `handle.save_pretrained` / `lofit tune`.
+        backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
+        trainable: whether LoFiT's parameters require grad (the base stays frozen either way).
     The files are checked before the model is touched: the adapter must have been saved for the same
     architecture, number of layers, query heads and head_dim (ValueError naming the difference).
     The LoFiT parameters come back trainable (as `patch_model` makes them) so training can resume,
@@ -296,5 +311,6 @@ def copy_values(parameters, tensors: dict[str, torch.Tensor]) -> None:
             parameter.copy_(tensor.to(parameter.device, parameter.dtype))
 
 
-# Merging lives in lofit_fast.merge; this name stays for code that imported it from here.
-from .merge import merge_and_unload  # noqa: E402,F401
+def merge_and_unload(handle: LofitHandle, engine: str = "transformers") -> nn.Module:
+    """`handle.merge_and_unload(engine)` (the merge itself is in `lofit_fast.merge`); kept under this name."""
+    return handle.merge_and_unload(engine)

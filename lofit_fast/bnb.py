@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-
 _NOT_IMPORTED = object()
 _bitsandbytes = _NOT_IMPORTED
 
@@ -118,6 +117,17 @@ def repacking_error(names: list[str], remedy: str) -> str:
             f"backward, so LoFiT's gradients would be lost. {remedy}")
 
 
+# Set on a 4-bit layer that `keep_unpacked` (prepare_kbit_training) switched off for good: a hold that ends must
+# not switch it back on.
+KEPT_UNPACKED = "_lofit_fast_kept_unpacked"
+
+
+def keep_unpacked(layer: nn.Module) -> None:
+    """Keep a Linear4bit off bitsandbytes' repacking path for good (what `prepare_kbit_training` asks for)."""
+    layer.support_avx512bf16_for_cpu = False
+    setattr(layer, KEPT_UNPACKED, True)
+
+
 class Repacking4bitHold:
     """A trainable adapter's hold on the model's 4-bit layers. `hold()` keeps every one of them off
     bitsandbytes' repacking path (so the model computes the same in eval and train mode, and backward can pass
@@ -149,9 +159,11 @@ class Repacking4bitHold:
                 layer.support_avx512bf16_for_cpu = False
 
     def release(self) -> None:
-        """Give the layers back the repacking setting they had before `hold`."""
+        """Give the layers back the repacking setting they had before `hold`, except those that
+        `keep_unpacked` has kept off since (prepare_kbit_training called while the adapter was attached)."""
         for layer, setting in self._previous:
-            layer.support_avx512bf16_for_cpu = setting
+            if not getattr(layer, KEPT_UNPACKED, False):
+                layer.support_avx512bf16_for_cpu = setting
         self._previous = []
 
 

@@ -1,7 +1,8 @@
 """The `lofit` command: select, tune, eval, merge, export, bench, demo.
 
     lofit select --model PATH --task clutrr --data train.json --output-dir out/select
-    lofit tune   --model PATH --task clutrr --data train.json --ranking out/select/ranking.json --k 32 --output-dir out/adapter
+    lofit tune   --model PATH --task clutrr --data train.json --ranking out/select/ranking.json --k 32 \
+                 --output-dir out/adapter
     lofit eval   --model PATH --task clutrr --data test.json --adapter out/adapter
     lofit merge  --model PATH --adapter out/adapter --output-dir out/merged [--for vllm]
     lofit export --model PATH --adapter out/adapter --format peft-lora --output-dir out/adapter-lora
@@ -21,9 +22,9 @@ import sys
 import warnings
 
 from .data import PREFERENCE_TASKS, TASK_ALIASES, TASKS, canonical_task
+from .ranking import LOCALIZERS, HeadRanking, resolve_k
 from .serving import ENGINES
 
-LOCALIZERS = ("lofit", "random", "probe")  # training.LOCALIZERS, copied so that parsing imports no Trainer
 PAPER_MODELS = ("llama-2-7b", "llama-2-13b", "gemma-7b")  # training.PAPER_SETTINGS_BY_MODEL's keys, likewise
 
 
@@ -180,7 +181,7 @@ def cmd_select(args):
 
 
 def cmd_tune(args):
-    from .training import HeadRanking, tune
+    from .training import tune
 
     # Arguments and files first: a mistake there should not wait for the model to load.
     if (args.ranking is None) == (args.heads is None):
@@ -209,8 +210,6 @@ def cmd_tune(args):
 
 def _head_count(k, default_k, total_heads: int) -> int:
     """--k as a number of heads (checked against the model); without --k, the paper's K, at most every head."""
-    from .training import resolve_k
-
     return resolve_k(k, total_heads) if k is not None else min(default_k, total_heads)
 
 
@@ -276,11 +275,11 @@ def cmd_bench(args, extra):
     if args.e2e and args.static:
         raise ValueError("lofit bench takes --e2e or --static, not both")
     if args.e2e:
-        from .benchmark_e2e import main as bench_main
+        from .bench.e2e import main as bench_main
     elif args.static:
-        from .benchmark_static import main as bench_main
+        from .bench.static import main as bench_main
     else:
-        from .benchmark import main as bench_main
+        from .bench.kernels import main as bench_main
     return bench_main(extra)
 
 
@@ -449,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much smaller budget (a smoke run)")
     demo.add_argument("--seed", type=int, default=0)
 
-    from .benchmark import comma_list
+    from .bench.common import comma_list
     from .compare import FAMILIES
 
     compare = commands.add_parser(
@@ -459,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--eval-data", help="your model: the held-out data the rows are scored on (exact match)")
     compare.add_argument("--eval-split", help="the split of --eval-data, as --split")
     compare.add_argument("--output-dir", default="lofit_compare", help="where compare.json and compare.png go")
-    compare.add_argument("--seeds", type=comma_list(convert=int), help="seeds, e.g. 0,1,2 (default: 0,1,2; --quick: 0,1)")
+    compare.add_argument("--seeds", type=comma_list(convert=int),
+                         help="seeds, e.g. 0,1,2 (default: 0,1,2; --quick: 0,1)")
     compare.add_argument("--quick", action="store_true", help="the demo's comparison on a much smaller budget (smoke)")
     compare.add_argument("--workers", type=int,
                          help="the demo's comparison: processes running its jobs, one thread each (default: the "

@@ -31,6 +31,7 @@ import torch
 
 from . import demo
 from .io import atomic_path, atomic_write_text
+from .ranking import random_ranking, resolve_k
 
 # Method families: offsets on K heads of a ranking, LoFiT offsets on every head, and PEFT's adapters.
 HEAD_FAMILIES = ("lofit", "random", "probe")
@@ -219,7 +220,7 @@ def train_and_score(bench, run: Run, ranking=None) -> dict:
 def _lofit_run(bench, method: Method, rows: list, run: Run, ranking) -> tuple:
     from .lofit_model import LofitConfig, LofitModel
     from .patch import attention_shape
-    from .training import random_ranking, tune
+    from .training import tune
 
     if method.family == "lofit-all":
         shape = attention_shape(bench.model)
@@ -246,15 +247,12 @@ def _peft_run(bench, method: Method, rows: list, run: Run) -> tuple:
     from transformers.trainer_callback import PrinterCallback
 
     from .data import training_subset
-    from .training import _training_arguments
+    from .training import training_arguments
 
-    peft = _import_peft()
     settings = bench.tune_settings(run.seed, bench.peft_learning_rate(method.family))
-    requires_grad = {name: parameter.requires_grad for name, parameter in bench.model.named_parameters()}
     torch.manual_seed(run.seed)  # LoRA's A matrices are drawn when PEFT builds the layers
-    peft_model = peft.get_peft_model(bench.model, peft_config(method, bench.model))
-    try:
-        arguments = _training_arguments(bench.scratch, settings, bench.training_args)
+    with peft_wrapped(bench.model, method) as peft_model:
+        arguments = training_arguments(bench.scratch, settings, bench.training_args)
         # The same rows as step 2 trains on: its seeded subset when settings.train_size is set.
         trainer = Trainer(model=peft_model, args=arguments, data_collator=bench.collator,
                           train_dataset=training_subset(rows, settings.train_size, settings.seed))
@@ -265,11 +263,37 @@ def _peft_run(bench, method: Method, rows: list, run: Run) -> tuple:
         trainable, total = peft_model.get_nb_trainable_parameters()
         accuracy = bench.accuracy(run.task)
         targets = sorted(peft_model.peft_config["default"].target_modules)
-    finally:
-        peft_model.unload()  # the base's own modules back in place, unmerged
-        for name, parameter in bench.model.named_parameters():
-            parameter.requires_grad_(requires_grad[name])  # PEFT froze them
     return trainable, total, accuracy, targets
+
+
+@contextlib.contextmanager
+def peft_wrapped(model, method: Method):
+    """`model` inside PEFT's wrapper for the row `method`; afterwards the base's own modules are back in place,
+    unmerged, with their requires_grad flags (PEFT freezes them)."""
+    peft = _import_peft()
+    requires_grad = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    peft_model = peft.get_peft_model(model, peft_config(method, model))
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
+
+
+def check_peft_rows(model, methods: list) -> None:
+    """Build (and take off again) PEFT's wrapper of every LoRA / IA3 row on `model`, so that a row PEFT cannot
+    build there (no default targets for the architecture, a layer type it does not adapt) fails before any
+    training, not after hours of it. ValueError naming the row and PEFT's reason."""
+    for method in methods:
+        if method.family not in PEFT_FAMILIES:
+            continue
+        try:
+            with peft_wrapped(model, method):
+                pass
+        except (ValueError, TypeError, NotImplementedError, KeyError) as error:
+            raise ValueError(f"PEFT cannot build the {method.label} row on this model ({type(error).__name__}: "
+                             f"{error}); leave {method.family} out of --methods") from None
 
 
 def _import_peft():
@@ -288,6 +312,11 @@ def peft_config(method: Method, model):
     targets (Llama: k_proj, v_proj and down_proj)."""
     peft = _import_peft()
     if method.family == "ia3":
+        from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+        if model.config.model_type not in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING:
+            raise ValueError(f"PEFT has no default IA3 targets for model_type {model.config.model_type!r}, so the "
+                             f"ia3 row has nothing to adapt: leave ia3 out of --methods")
         return peft.IA3Config(task_type="CAUSAL_LM")
     return peft.LoraConfig(r=method.rank, lora_alpha=2 * method.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                            target_modules=lora_targets(method.family, model))
@@ -333,10 +362,13 @@ def _do_job_in_worker(job, ranking):
     return _do_job(_worker_bench, job, ranking)
 
 
-def _run_jobs(jobs: list, bench, pool, rankings: dict, log) -> list:
-    """The results of `jobs` (Runs, or (localizer, task, seed) ranking keys), in order; each is logged as it
-    finishes. With a pool, the jobs run in its worker processes; otherwise here, on `bench`."""
+def _run_jobs(jobs: list, bench, pool, rankings: dict, log, on_result=None) -> list:
+    """The results of `jobs` (Runs, or (localizer, task, seed) ranking keys), in order; each is logged (and given
+    to `on_result(job, result)`) as it finishes. With a pool, the jobs run in its worker processes; otherwise
+    here, on `bench`."""
     def report(job, result):
+        if on_result is not None:
+            on_result(job, result)
         if isinstance(job, Run):
             log(f"{job.method.label} on '{_task_name(job.task)}'"
                 + (f" with the heads of '{_task_name(job.heads_from)}'" if job.heads_from != job.task else "")
@@ -377,12 +409,26 @@ def _worker_pool(comparison: "DemoComparison", workers: int, scratch: str):
         pool.shutdown(wait=True, cancel_futures=True)  # after an error, the jobs not started yet do not run
 
 
-def _execute(runs: list, bench, pool, log) -> tuple:
-    """(rankings by key, records by run): the step-1 rankings the runs need first, then each distinct run once."""
+PARTIAL_NAME = "compare-runs.partial.json"
+
+
+def _execute(runs: list, bench, pool, log, output_dir: str) -> tuple:
+    """(rankings by key, records by run): the step-1 rankings the runs need first, then each distinct run once.
+    Every finished run's record is also kept in `output_dir/compare-runs.partial.json` (rewritten atomically), so
+    that what was measured survives an error or an interruption in a later run; the report removes it."""
     ranking_keys = sorted({run.ranking_key() for run in runs if run.ranking_key() is not None})
     rankings = dict(zip(ranking_keys, _run_jobs(ranking_keys, bench, pool, {}, log)))
     distinct = list(dict.fromkeys(runs))
-    return rankings, dict(zip(distinct, _run_jobs(distinct, bench, pool, rankings, log)))
+    finished = []
+    partial_path = os.path.join(output_dir, PARTIAL_NAME)
+
+    def keep(run, record):
+        finished.append(record)
+        os.makedirs(output_dir, exist_ok=True)
+        atomic_write_text(partial_path, json.dumps({"finished_runs": len(finished), "of": len(distinct),
+                                                    "runs": finished}, indent=1, allow_nan=False))
+
+    return rankings, dict(zip(distinct, _run_jobs(distinct, bench, pool, rankings, log, keep)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,7 +622,7 @@ def plot_comparison(rows: list, base_accuracy: float, path, title: str) -> None:
 
 
 def _machine() -> dict:
-    from .benchmark import device_name
+    from .bench.common import device_name
 
     return {"cpu": device_name(torch.device("cpu")), "cpu_count": os.cpu_count(),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__}
@@ -601,6 +647,8 @@ def _report(results: dict, output_dir: str, title: str, heading: str) -> dict:
     plot_comparison(results["rows"], results["base_accuracy"], os.path.join(output_dir, "compare.png"), title)
     # allow_nan=False: strict JSON, which every reader accepts.
     atomic_write_text(os.path.join(output_dir, "compare.json"), json.dumps(results, indent=1, allow_nan=False))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, PARTIAL_NAME))  # every run is in compare.json now
     print(f"  total {results['timings_s']['total']:.1f}s on {results['machine']['cpu']} "
           f"({results['machine']['cpu_count']} cores, {results['workers']} worker process(es)); wrote compare.json "
           f"and compare.png to {output_dir}")
@@ -627,7 +675,8 @@ class DemoComparison:
 
     head_fractions: K of the head rows, as shares of all heads. lora_lr / ia3_lr: the PEFT rows' learning rates
     (LoFiT's are the demo's). transfer_skills: the transfer test's tasks, "NEW_WORD means <skill>"; the first is
-    the demo's own task (NEW_WORD_MEANS), the one the table is about. transfer_seeds: the seeds it runs.
+    the demo's own task (NEW_WORD_MEANS), the one the table is about (that one alone: no transfer test).
+    transfer_seeds: the seeds it runs.
     """
 
     demo: demo.DemoSettings
@@ -677,7 +726,8 @@ def run_demo_comparison(output_dir: str = "lofit_compare", quick: bool = False, 
     comparison = comparison or (QUICK if quick else FULL)
     if workers < 1:
         raise ValueError(f"workers={workers}: give 1 or more worker processes")
-    if comparison.transfer_skills[0] != demo.NEW_WORD_MEANS or not set(comparison.transfer_skills) <= set(demo.SKILLS):
+    skills = comparison.transfer_skills
+    if not skills or skills[0] != demo.NEW_WORD_MEANS or not set(skills) <= set(demo.SKILLS):
         raise ValueError(f"transfer_skills {comparison.transfer_skills}: skills of {tuple(demo.SKILLS)}, the first "
                          f"being the demo's task, {demo.NEW_WORD_MEANS!r}")
     _import_peft()  # before any training: the PEFT rows would fail at the end
@@ -686,9 +736,7 @@ def run_demo_comparison(output_dir: str = "lofit_compare", quick: bool = False, 
 
 
 def _run_demo_comparison(output_dir: str, comparison: DemoComparison, workers: int, quick: bool, scratch: str):
-    from . import __version__
-    from .training import resolve_k
-
+    from .version import __version__
     log = demo.Progress()
     settings = comparison.demo
     # The base is pretrained (or loaded) here first, so that the workers all load it from the cache.
@@ -700,18 +748,21 @@ def _run_demo_comparison(output_dir: str, comparison: DemoComparison, workers: i
     main_task, tasks = demo.NEW_WORD_MEANS, list(comparison.transfer_skills)
     transfer_k = resolve_k(comparison.transfer_fraction, total_heads)
     runs = [Run(method, main_task, main_task, seed) for method in methods for seed in comparison.seeds]
-    for seed in comparison.transfer_seeds:  # runs the table has already are run once
+    # The transfer test needs a second task; with one, it is left out.
+    transfer_seeds = comparison.transfer_seeds if len(tasks) > 1 else ()
+    for seed in transfer_seeds:  # runs the table has already are run once
         for task in tasks:
             runs.append(Run(Method("random", k=transfer_k), task, task, seed))
             runs += [Run(Method("lofit", k=transfer_k), task, source, seed) for source in tasks]
     base_accuracy = {task: bench.accuracy(task) for task in tasks}
-    log(f"base accuracy: " + ", ".join(f"'{_task_name(task)}' {base_accuracy[task]:.3f}" for task in tasks))
+    log("base accuracy: " + ", ".join(f"'{_task_name(task)}' {base_accuracy[task]:.3f}" for task in tasks))
     log(f"{len(set(runs))} runs of {len(methods)} methods x {len(comparison.seeds)} seeds and the transfer test, "
         f"on {workers} worker process(es)")
     with _worker_pool(comparison, workers, scratch) as pool:
-        rankings, records = _execute(runs, bench, pool, log)
+        rankings, records = _execute(runs, bench, pool, log, output_dir)
     rows = _rows(methods, main_task, list(comparison.seeds), records)
-    transfer = transfer_matrix(records, tasks, transfer_k, list(comparison.transfer_seeds), base_accuracy)
+    transfer = (transfer_matrix(records, tasks, transfer_k, list(transfer_seeds), base_accuracy)
+                if transfer_seeds else None)
     results = {
         "lofit_fast_version": __version__, "quick": quick, "machine": _machine(), "workers": workers,
         "torch_threads_per_worker": 1,
@@ -766,10 +817,9 @@ def compare_on_model(model, tokenizer, train_rows: list, collator, eval_examples
         backend: LoFiT's backend; max_new_tokens, eval_batch_size: the evaluation's generation settings.
         chat_template: prompts in the tokenizer's chat template when scoring (as the rows were tokenized).
     """
-    from . import __version__
     from .patch import attention_shape
-    from .training import resolve_k
-
+    from .quantization import keep_4bit_layers_differentiable
+    from .version import __version__
     if not seeds:
         raise ValueError("give at least one seed")
     _import_peft()
@@ -777,9 +827,10 @@ def compare_on_model(model, tokenizer, train_rows: list, collator, eval_examples
     total_heads = shape.num_layers * shape.num_heads
     counts = sorted({resolve_k(k, total_heads) for k in head_counts})
     methods = method_grid(families, counts, lora_ranks)
-    for method in methods:
-        if method.family in PEFT_FAMILIES:
-            peft_config(method, model)  # an architecture PEFT has no targets for fails here, before any training
+    # Before any training: 4-bit layers kept off bitsandbytes' repacking (the evaluations between runs would
+    # repack them, and the next run could not train through them), and every PEFT row buildable.
+    keep_4bit_layers_differentiable(model)
+    check_peft_rows(model, methods)
     log = demo.Progress()
     with tempfile.TemporaryDirectory(prefix="lofit_compare_") as scratch:
         bench = ModelBench(model, tokenizer, task, train_rows, collator, eval_examples,
@@ -790,7 +841,7 @@ def compare_on_model(model, tokenizer, train_rows: list, collator, eval_examples
         base_accuracy = bench.accuracy(task)
         log(f"base accuracy on {task}: {base_accuracy:.3f}; {len(methods)} methods x {len(seeds)} seeds")
         runs = [Run(method, task, task, seed) for method in methods for seed in seeds]
-        rankings, records = _execute(runs, bench, None, log)
+        rankings, records = _execute(runs, bench, None, log, output_dir)
     rows = _rows(methods, task, list(seeds), records)
     results = {
         "lofit_fast_version": __version__, "machine": _machine(), "workers": 1,

@@ -91,7 +91,8 @@ def read_records(source, fields: Optional[dict] = None, split: Optional[str] = N
     """The rows of `source`, each with its location for error messages: a JSON-lines / JSON file (a `.jsonl`
     file is JSON lines, any other a JSON list when it starts with '['), a CSV file with a header, a parquet
     file, a directory written by `datasets`' `save_to_disk`, a `datasets.Dataset`, or a Hugging Face Hub
-    dataset name. `split` picks the split of a saved DatasetDict or of a Hub dataset (default "train")."""
+    dataset name, `NAME:CONFIG` for one with several configs. `split` picks the split of a saved DatasetDict or of
+    a Hub dataset (default "train")."""
     if _is_dataset(source):
         if hasattr(source, "keys"):  # a DatasetDict
             source = _pick_split(source, split, f"the {type(source).__name__} given")
@@ -116,10 +117,12 @@ def _is_dataset(source) -> bool:
 
 
 def _looks_like_hub_name(text: str) -> bool:
-    """'name' or 'owner/name', without a data file's suffix or a path's leading '.', '/' or '~'."""
-    parts = text.split("/")
-    return (0 < len(parts) <= 2 and all(part and part[0] not in ".~" for part in parts)
-            and not text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")))
+    """'name' or 'owner/name' (optionally ':config'), without a data file's suffix or a path's leading '.', '/'
+    or '~'."""
+    name, _, config = text.partition(":")
+    parts = name.split("/")
+    return (0 < len(parts) <= 2 and all(part and part[0] not in ".~" for part in parts) and ":" not in config
+            and not name.lower().endswith((".json", ".jsonl", ".csv", ".parquet")))
 
 
 def _dataset_records(dataset, where: str, fields: Optional[dict]) -> list:
@@ -134,7 +137,7 @@ def _load_from_disk(path: str, split: Optional[str]):
         saved = sorted(name for name in os.listdir(path)
                        if os.path.isfile(os.path.join(path, name, "state.json")))
         hint = (f"; its subdirectories {saved} were written by save_to_disk: give one of them" if saved else
-                f", or a directory written by datasets' save_to_disk")
+                ", or a directory written by datasets' save_to_disk")
         raise ValueError(f"{path} is a directory; give the data file itself (e.g. "
                          f"{os.path.join(path, 'train.json')}){hint}")
     import datasets
@@ -170,14 +173,19 @@ def _read_parquet(path: str):
         raise ValueError(f"{path} is not a readable parquet file ({type(error).__name__}: {error})") from None
 
 
-def _load_hub_dataset(name: str, split: Optional[str]):
+def _load_hub_dataset(source: str, split: Optional[str]):
+    """`owner/name` or `owner/name:config` from the Hub (e.g. `truthfulqa/truthful_qa:generation`, whose only
+    split is "validation")."""
     import datasets
 
+    name, _, config = source.partition(":")
     try:
-        return datasets.load_dataset(name, split=split or "train")
-    except Exception as error:  # offline, unknown name, no such split, ...
-        raise ValueError(f"there is no file or directory {name!r}, and loading it as a Hugging Face Hub dataset "
-                         f"(split {split or 'train'!r}) failed: {type(error).__name__}: {error}") from None
+        return datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as error:  # offline, unknown name, config missing, no such split, ...
+        raise ValueError(f"there is no file or directory {source!r}, and loading it as a Hugging Face Hub dataset "
+                         f"(config {config or None!r}, split {split or 'train'!r}) failed: {type(error).__name__}: "
+                         f"{error}. A dataset with several configs is named NAME:CONFIG; --split / split= picks "
+                         f"the split") from None
 
 
 def _open_text(path) -> str:
@@ -265,9 +273,9 @@ TRUTHFULQA_TEMPLATE = "Q: {question} A:"
 
 
 def load_clutrr(source, fields: Optional[dict] = None, split: Optional[str] = None) -> list:
-    """CLUTRR (the paper's is a JSON list of stories; any source of `read_records`). Prompt: the reference code's template, ending in "... Answer:
-    {second} is {first} 's" and a newline; completion and only answer: `target_text`, the relation word
-    (e.g. "nephew": {second} is {first}'s nephew).
+    """CLUTRR (the paper's is a JSON list of stories; any source of `read_records`). Prompt: the reference code's
+    template, ending in "... Answer: {second} is {first} 's" and a newline; completion and only answer:
+    `target_text`, the relation word (e.g. "nephew": {second} is {first}'s nephew).
 
     Like the reference, the story is `clean_story` with the [brackets] around names removed (falling back
     to `story` when a file has no `clean_story`). `query` is "('first', 'second')"; unlike the reference,
@@ -495,15 +503,22 @@ def load_task(task: str, source, fields: Optional[dict] = None, split: Optional[
 # Tokenization
 # ----------------------------------------------------------------------------------------------
 
+# Template variables set for every conversation: thinking off, so that a reasoning model's template (Qwen3's)
+# writes its empty think block into the prompt, where the model reads it, not into the answer it is trained on
+# or asked to generate. Templates without the variable ignore it.
+CHAT_TEMPLATE_VARIABLES = {"enable_thinking": False}
+
+
 def chat_prompt(prompt: str, tokenizer) -> str:
     """`prompt` as the user's turn of the tokenizer's chat template, up to where the assistant's answer
-    starts (`add_generation_prompt=True`). ValueError when the tokenizer has no chat template."""
+    starts (`add_generation_prompt=True`, thinking off: `CHAT_TEMPLATE_VARIABLES`). ValueError when the
+    tokenizer has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{type(tokenizer).__name__} has no chat template (tokenizer.chat_template is None); "
                          f"leave chat templates off (--chat-template) for this tokenizer, or use the tokenizer of "
                          f"a chat model")
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, **CHAT_TEMPLATE_VARIABLES)
 
 
 def chat_completion(prompt: str, completion: str, tokenizer) -> str:
@@ -511,7 +526,8 @@ def chat_completion(prompt: str, completion: str, tokenizer) -> str:
     answer and the template's end of turn."""
     head = chat_prompt(prompt, tokenizer)
     whole = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                           {"role": "assistant", "content": completion}], tokenize=False)
+                                           {"role": "assistant", "content": completion}], tokenize=False,
+                                          **CHAT_TEMPLATE_VARIABLES)
     if not whole.startswith(head):
         raise ValueError("the tokenizer's chat template writes the user's turn differently when an answer follows "
                          "it, so where the answer starts is not known; train without --chat-template")
@@ -553,8 +569,9 @@ def tokenize_sft(example: dict, tokenizer, max_length: int, add_eos: bool = True
     The completion ends with the tokenizer's EOS (`add_eos=False` leaves it off, for scoring answers).
     With `chat_template`, prompt and completion are the user's and the assistant's turns of the tokenizer's
     chat template, the loss still on the answer only; the template's end of turn takes the place of the EOS
-    (and is left off with `add_eos=False`). Longer than `max_length`: tokens are cut from the left of the prompt (after a leading BOS, which
-    is kept), never from the answer; ValueError when the answer alone leaves no room for a prompt token.
+    (and is left off with `add_eos=False`). Longer than `max_length`: tokens are cut from the left of the prompt
+    (after a leading BOS, which is kept), never from the answer; ValueError when the answer alone leaves no room
+    for a prompt token.
     """
     prompt_ids, completion_ids = _prompt_and_completion_ids(example["prompt"], example["completion"], tokenizer,
                                                             chat_template, end_turn=add_eos)

@@ -1,26 +1,12 @@
 """`run_demo`: the whole LoFiT method on a built-in task and a tiny model, on the CPU, in minutes.
 
-The story. A tiny Llama is pretrained (once; the weights are cached) to read a list of items and
-answer the item an instruction word asks for:
-
-    first w3 w17 w5 w9 w0 w2 =   ->  w3
-    last  w3 w17 w5 w9 w0 w2 =   ->  w2        (also "second" and "penultimate")
-
-Each instruction has three words ("last", "end", "closing"), so the model learns one internal notion of
-each instruction that several words reach, as a large model does. The new task introduces a word the
-model has never seen, "final", that should mean "last": the skill is there, only the word is new, so
-offsets on the few attention heads that carry the instruction to the answer should be enough. The demo
-then runs LoFiT:
-
-    step 1  `select_heads`: scales on every head with an L1 penalty, heads ranked by ||A_lh||
-    step 2  `tune`: offsets on the top-K heads, and the same `tune` on K random heads for several seeds
-
-and prints held-out accuracy for the base, LoFiT's heads and the random heads, plus how far the
-step-1 scores of the top heads stand above the median (a flat ranking means step 1 did not localize).
-Everything is measured on this run; nothing is tuned to make LoFiT look good.
-
-`adaptation_data(settings, seed, means=...)` builds the same task with the new word meaning any of the base's
-skills; `lofit compare` (`compare.py`) sets LoFiT against its baselines on this base and these tasks.
+A tiny Llama is pretrained once (cached) to answer the item of a list that an instruction word asks for (first,
+last, second, penultimate; three words each). The new task teaches an unseen word, "final", to mean "last":
+step 1 (`select_heads`) ranks the heads, step 2 (`tune`) trains offsets on the top-K heads and, for several seeds,
+on K random heads, and the demo prints held-out accuracy of the base, LoFiT's heads and the random heads, and
+how far the top step-1 scores stand above the median (a flat ranking means step 1 did not localize). README.md
+("The demo") tells the design. `adaptation_data(settings, seed, means=...)` builds the same task for any of the
+base's skills, for `lofit compare`.
 """
 
 import contextlib
@@ -369,17 +355,23 @@ class Progress:
 
 
 def run_demo(output_dir: str = "lofit_demo", quick: bool = False, seed: int = 0) -> dict:
-    """Run the demo and write ranking.json, heads.png, adapter/ and results.json to `output_dir`.
-    `seed` draws the adaptation data, the LoFiT initialisations and the random heads (the base model is
-    the same for every seed). Returns the contents of results.json."""
+    """Run the demo and write ranking.json, heads.png, adapter/ and results.json to `output_dir`; returns the
+    contents of results.json.
+
+    Args:
+        output_dir: where the files go.
+        quick: a much smaller budget (a smoke run; the numbers mean little).
+        seed: draws the adaptation data, the LoFiT initialisations and the random heads (the base model is the
+            same for every seed).
+    """
     with cpu_session("lofit_demo_trainer_") as scratch:
         return _run(output_dir, QUICK if quick else FULL, quick, seed, scratch)
 
 
 def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratch: str) -> dict:
-    from . import __version__
     from .heatmap import plot_head_scores
     from .training import random_ranking, select_heads, tune
+    from .version import __version__
 
     log = Progress()
     timings = {}

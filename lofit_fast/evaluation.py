@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from .data import SFTCollator, chat_prompt, tokenize_sft
 from .losses import sequence_logprobs
 
-
 # ----------------------------------------------------------------------------------------------
 # Exact match of generated answers
 # ----------------------------------------------------------------------------------------------
@@ -34,8 +33,11 @@ DEFAULT_ANSWER_ENDS = ("\n",)
 
 def extract_answer(generated: str, task=None) -> str:
     """The answer in a generated continuation, normalised (`normalize_answer`): the text up to the first line
-    break (for CLUTRR also the first period), leading blank lines skipped."""
+    break (for CLUTRR also the first period), leading blank lines and a leading `<think>...</think>` block (a
+    reasoning model's, should it think although asked not to) skipped."""
     text = generated.lstrip()
+    if text.startswith("<think>") and "</think>" in text:
+        text = text.split("</think>", 1)[1].lstrip()
     for end in ANSWER_ENDS.get(task, DEFAULT_ANSWER_ENDS):
         text = text.split(end, 1)[0]
     return normalize_answer(text)
@@ -102,9 +104,15 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int = 16, 
 
 def evaluate_generation(model, tokenizer, examples: list, max_new_tokens: int = 16, batch_size: int = 16,
                         task=None, chat_template: bool = False) -> float:
-    """Exact-match accuracy (0 to 1) of greedy generation on `examples` (`{"prompt", "answers"}` or
-    `{"prompt", "completion"}`), by the rule of `is_correct` for `task` ("clutrr" ends answers at a period);
-    `chat_template`: prompts in the tokenizer's chat template (see `generate_answers`)."""
+    """Exact-match accuracy (0 to 1) of greedy generation on `examples`, by the rule of `is_correct`.
+
+    Args:
+        model, tokenizer: the model (patched or not) and its tokenizer.
+        examples: `{"prompt", "answers"}` or `{"prompt", "completion"}` rows (`data.load_task`).
+        max_new_tokens, batch_size: of greedy generation (left padding).
+        task: "clutrr" ends an answer at its first period as the paper scores it; other tasks at a line break.
+        chat_template: prompts in the tokenizer's chat template (see `generate_answers`).
+    """
     if not examples:
         raise ValueError("no examples to evaluate")
     continuations = generate_answers(model, tokenizer, [example["prompt"] for example in examples],
@@ -230,10 +238,16 @@ def evaluation_examples(task: str, source, fields=None, split=None) -> list:
 
 def evaluate_examples(model, tokenizer, task: str, examples: list, max_new_tokens: int = 16, batch_size: int = 16,
                       chat_template: bool = False, mc_prompt: str = "qa-primer") -> dict:
-    """Score `model` on `evaluation_examples(task, ...)`: TruthfulQA: {"mc1", "mc2", "examples", "prompt"} from
-    answer log-likelihoods (`truthfulqa_mc_scores`, `mc_prompt`: "qa-primer" or "zero-shot"); other tasks:
-    {"exact_match", "examples"} from greedy generation. `chat_template`: prompts in the tokenizer's chat
-    template."""
+    """Score `model` as `lofit eval` does: TruthfulQA: {"mc1", "mc2", "examples", "prompt"} from answer
+    log-likelihoods; other tasks: {"exact_match", "examples"} from greedy generation.
+
+    Args:
+        model, tokenizer: the model (patched or not) and its tokenizer.
+        task, examples: the task and `evaluation_examples(task, ...)`.
+        max_new_tokens, batch_size: of generation (batch_size also of MC scoring).
+        chat_template: prompts in the tokenizer's chat template.
+        mc_prompt: TruthfulQA: "qa-primer" (TruthfulQA's six-shot primer, the default) or "zero-shot".
+    """
     from .data import canonical_task
 
     task = canonical_task(task)

@@ -21,11 +21,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import __version__
 from .bnb import weight_columns
 from .io import write_config_and_weights
 from .merge import check_weight_readable
-from .patch import LofitHandle, architecture_spec, find_o_projs, head_columns
+from .version import __version__
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,53 +47,41 @@ def _lora_of_layer(o_proj: nn.Module, columns: torch.Tensor, scale: Optional[tor
     return {name: tensor.cpu().contiguous() for name, tensor in tensors.items()}
 
 
-def peft_lora_adapter(handle: LofitHandle) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the contents of adapter_config.json, the tensors of adapter_model.safetensors) of the PEFT LoRA adapter
-    that computes what `handle`'s adapter computes. ImportError without peft (its LoraConfig writes the config
-    the installed PEFT reads)."""
+def lora_of_layer(name: str, o_proj: nn.Module, columns: torch.Tensor, scale: Optional[torch.Tensor],
+                  offset: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The PEFT LoRA tensors, keyed as PEFT saves them, of the layer whose o_proj is the module `name` of the
+    causal LM, with the adapter's (K, head_dim) `scale` / `offset` rows on the input features `columns`."""
+    check_weight_readable(o_proj, name, "export a LoRA of")
+    lora = _lora_of_layer(o_proj, columns, scale.reshape(-1).float() if scale is not None else None,
+                          offset.reshape(-1).float() if offset is not None else None)
+    return {f"base_model.model.{name}.{key}": value for key, value in lora.items()}
+
+
+def peft_lora_config(tensors: dict[str, torch.Tensor], base_model_name_or_path: Optional[str]) -> dict:
+    """The adapter_config.json of the LoRA adapter made of `tensors` (from `lora_of_layer`): each layer's rank as
+    its lora_A has it, lora_alpha equal to it, lora_bias when the layers have biases. ImportError without peft
+    (its LoraConfig writes the config the installed PEFT reads)."""
     try:
         from peft import LoraConfig
     except ImportError:
         raise ImportError("exporting to PEFT's LoRA format needs peft: pip install peft") from None
-    if handle.lofit is None:
-        raise RuntimeError("this LoFiT handle was removed; there is no adapter to export")
-    model = handle.model
-    spec = architecture_spec(model)
-    o_proj_path = handle.target_module or spec.o_proj
-    o_projs = find_o_projs(model, handle.target_module)
-    tensors, ranks = {}, {}
-    with torch.no_grad():
-        for layer in handle.lofit.layers:
-            o_proj = o_projs[layer]
-            name = f"{spec.layers}.{layer}.{o_proj_path}"
-            check_weight_readable(o_proj, name, "export a LoRA of")
-            device = o_proj.weight.device
-            head_index, scale, offset = handle.lofit.layer_tensors(layer, device)
-            columns = head_columns(head_index, handle.head_dim)
-            lora = _lora_of_layer(o_proj, columns, scale.reshape(-1).float() if scale is not None else None,
-                                  offset.reshape(-1).float() if offset is not None else None)
-            ranks[name] = lora["lora_A.weight"].shape[0]
-            tensors.update({f"base_model.model.{name}.{key}": value for key, value in lora.items()})
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    ranks = {key[len(prefix):-len(suffix)]: tensor.shape[0] for key, tensor in tensors.items() if key.endswith(suffix)}
     rank = max(ranks.values())
     # lora_alpha = rank for every layer (alpha_pattern follows rank_pattern): PEFT's scaling alpha / r is 1.
     pattern = {name: layer_rank for name, layer_rank in ranks.items() if layer_rank != rank}
     config = LoraConfig(
         r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=list(ranks),
-        lora_dropout=0.0, bias="none", lora_bias=handle.offset is not None, use_rslora=False,
-        task_type="CAUSAL_LM", inference_mode=True,
-        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
+        lora_dropout=0.0, bias="none", lora_bias=any(key.endswith("lora_B.bias") for key in tensors),
+        use_rslora=False, task_type="CAUSAL_LM", inference_mode=True, base_model_name_or_path=base_model_name_or_path,
     ).to_dict()
-    config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
-    return config, tensors
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
-def export_peft_lora(handle: LofitHandle, directory) -> None:
-    """Write `handle`'s adapter to `directory` as a PEFT LoRA adapter (adapter_config.json and
-    adapter_model.safetensors, atomically), which stock `peft.PeftModel.from_pretrained` loads onto the base
-    model. See the module doc for the construction and README.md for which tools take it."""
-    config, tensors = peft_lora_adapter(handle)
+def write_peft_lora(directory, tensors: dict[str, torch.Tensor], base_model_name_or_path: Optional[str]) -> None:
+    """Write a PEFT LoRA adapter (adapter_config.json and adapter_model.safetensors, atomically) of `tensors`."""
+    config = peft_lora_config(tensors, base_model_name_or_path)
     if any(not torch.isfinite(tensor).all() for tensor in tensors.values()):
         raise ValueError("the adapter holds NaN or infinite values; there is nothing sound to export")
-    directory = os.fspath(directory)
-    write_config_and_weights(directory, PEFT_CONFIG_NAME, config, PEFT_WEIGHTS_NAME, tensors,
+    write_config_and_weights(os.fspath(directory), PEFT_CONFIG_NAME, config, PEFT_WEIGHTS_NAME, tensors,
                              metadata={"format": "pt", "exported_by": f"lofit_fast {__version__}"})

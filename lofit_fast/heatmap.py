@@ -7,7 +7,7 @@ caller's matplotlib state alone. The PNG is written atomically (`lofit_fast.io.a
 import math
 
 from .io import atomic_path
-from .training import HeadRanking, resolve_k
+from .ranking import HeadRanking, resolve_k
 
 
 def _score_grid(ranking: HeadRanking) -> list[list[float]]:

@@ -18,14 +18,14 @@ thin wrapper that keeps the patched model and its handle, and forwards every oth
 import contextlib
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from .adapter import AdapterConfig, attach_adapter, read_adapter
 from .patch import LofitHandle, base_transformer, patch_model
+from .ranking import LOCALIZERS, HeadRanking, random_ranking
 
 # Keys of LofitConfig saved in adapter_config.json's "method" block.
 CONFIG_KEY = "lofit_config"
@@ -35,17 +35,20 @@ CONFIG_KEY = "lofit_config"
 class LofitConfig:
     """Which heads LoFiT adapts, which vectors it learns and how they start.
 
-    heads: explicit (layer, head) pairs; or
-    k: the top K heads (a count, or a fraction of all heads) of a head ranking, which comes from
-        `ranking` (the path of a ranking.json written by `lofit_fast.select_heads` / `lofit select`), from
-        the `ranking=` argument of `get_lofit_model`, or, with localizer="random", from a seeded shuffle.
-        With neither `heads` nor `k`: every head of every layer (what step 1 trains).
-    localizer: where the ranking came from: "lofit" (step 1's scales), "probe" (linear probes) or "random".
-    scale, offset: the vectors to learn. The defaults (offsets only) are step 2 of the method.
-    init_std: both start as Normal(0, init_std) draws (0: exactly the base model), seeded by `seed`.
-    target_module: the dotted path from a decoder layer to the module whose input LoFiT transforms; None
-        for the architecture's attention output projection.
-    backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
+    Args:
+        heads: explicit (layer, head) pairs; or
+        k: the top K heads (a count, or a fraction of all heads) of a head ranking, which comes from
+            `ranking` (the path of a ranking.json written by `lofit_fast.select_heads` / `lofit select`), from
+            the `ranking=` argument of `get_lofit_model`, or, with localizer="random", from a seeded shuffle.
+            With neither `heads` nor `k`: every head of every layer (what step 1 trains).
+        localizer: where the ranking came from: "lofit" (step 1's scales), "probe" (linear probes) or "random".
+        ranking: the path of a ranking.json (see k).
+        scale, offset: the vectors to learn. The defaults (offsets only) are step 2 of the method.
+        init_std: both start as Normal(0, init_std) draws (0: exactly the base model), seeded by `seed`.
+        target_module: the dotted path from a decoder layer to the module whose input LoFiT transforms; None
+            for the architecture's attention output projection.
+        seed: seeds the initial draws (and, with localizer="random", the heads).
+        backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
     """
 
     heads: Optional[list] = None
@@ -60,8 +63,6 @@ class LofitConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        from .training import LOCALIZERS
-
         if self.heads is not None and self.k is not None:
             raise ValueError("LofitConfig takes heads=[(layer, head), ...] or k= (with a ranking), not both")
         if self.heads is not None:
@@ -100,8 +101,6 @@ def _resolve_heads(model: nn.Module, config: LofitConfig, ranking) -> tuple[Opti
         if ranking is not None or config.ranking is not None:
             raise ValueError("a ranking was given but config.k is None; set k to the number of top heads to adapt")
         return None, None
-    from .training import HeadRanking, random_ranking
-
     if ranking is None and config.ranking is not None:
         ranking = HeadRanking.load(config.ranking)
     if ranking is None:
@@ -116,23 +115,21 @@ def _resolve_heads(model: nn.Module, config: LofitConfig, ranking) -> tuple[Opti
 
 
 def get_lofit_model(model: nn.Module, config: LofitConfig, ranking=None) -> "LofitModel":
-    """Patch `model` in place as `config` says and return it wrapped as a `LofitModel`.
+    """Patch `model` in place as `config` says and return it wrapped as a `LofitModel`. The base model is
+    frozen; LoFiT's parameters are the only trainable ones.
 
-    `ranking` is a `HeadRanking` (from `select_heads`) to take `config.k` heads from, instead of
-    `config.ranking`'s file. The base model is frozen; LoFiT's parameters are the only trainable ones.
+    Args:
+        model: a Hugging Face causal LM (plain, bitsandbytes, or a PEFT model around one).
+        config: which heads and vectors (`LofitConfig`).
+        ranking: a `HeadRanking` (from `select_heads`) to take `config.k` heads from, instead of
+            `config.ranking`'s file.
     """
     if not isinstance(config, LofitConfig):
         raise TypeError(f"get_lofit_model takes a LofitConfig, not {type(config).__name__}")
     heads, localizer = _resolve_heads(model, config, ranking)
     handle = patch_model(model, heads=heads, scale=config.scale, offset=config.offset, backend=config.backend,
                          target_module=config.target_module)
-    if config.init_std > 0:
-        generator = torch.Generator(device="cpu").manual_seed(config.seed)
-        with torch.no_grad():
-            for parameter in (handle.scale, handle.offset):
-                if parameter is not None:
-                    draw = torch.randn(parameter.shape, generator=generator) * config.init_std
-                    parameter.copy_(draw.to(parameter.device))
+    handle.lofit.initialize(config.init_std, config.seed)
     handle.method_settings = {CONFIG_KEY: config.to_dict(), "localizer": localizer}
     return LofitModel(handle, config)
 
@@ -202,7 +199,8 @@ class LofitModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print `trainable params: N || all params: M || trainable%: P`, as PEFT does."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        percent = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -225,7 +223,14 @@ class LofitModel(nn.Module):
                         backend: str = "auto") -> "LofitModel":
         """Patch `model` with the adapter saved in the directory `model_id` and return the wrapper. Everything
         (the files, the saved LofitConfig, the fit to the model) is checked before the model is touched, so a
-        failed load leaves it as it was. As in PEFT, the adapter comes back frozen unless `is_trainable=True`."""
+        failed load leaves it as it was.
+
+        Args:
+            model: the base model the adapter was saved for.
+            model_id: the adapter's directory (`save_pretrained`'s).
+            is_trainable: as in PEFT, the adapter comes back frozen unless True.
+            backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
+        """
         adapter, tensors = read_adapter(model, model_id)
         config = _saved_lofit_config(adapter, backend)
         handle = attach_adapter(model, adapter, tensors, backend=backend, trainable=is_trainable)

@@ -1,4 +1,4 @@
-"""Merging an adapter into the weights it acts on: `merge_and_unload`.
+"""Merging an adapter into the weights it acts on, layer by layer (`LofitHandle.merge_and_unload` loops over them).
 
 Each patched layer's o_proj takes its adapter (W: weight, b: bias, v_hat / A_hat: the offsets / scales, zero
 outside the selected heads):
@@ -8,9 +8,14 @@ outside the selected heads):
 so the selected columns of W are multiplied by 1 + A and W[:, sel] @ v (with the unscaled W) is added to the
 bias, in fp32, then cast to the layer's dtype. `plan_layer` checks one layer, `fold_layer` changes it; the
 model-level call checks every layer and the serving engine (`lofit_fast.serving`) first, then folds.
+
+bitsandbytes o_proj: offsets go into the bias, computed from the dequantized weight; the quantized weight is not
+touched. For 4-bit this equals the patched model (it dequantizes, then multiplies). LLM.int8 at inference
+quantizes its input row by row, so the merged int8 model computes W Q(z) + W v where the patched one computes
+W Q(z + v): a slightly different, equally valid LoFiT on an int8 base. Non-zero scales on a quantized o_proj are
+refused rather than quantizing the weight again.
 """
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,9 +23,6 @@ import torch
 from torch import nn
 
 from .bnb import quantization_of, weight_columns
-from .patch import LofitHandle, find_o_projs, first_parameter_device, head_columns
-from .serving import (ENGINES, O_PROJ_BIAS_FROM_FLAG, add_zero_biases, attention_projections,
-                      check_transformers_builds_biases, llama_config_of, plan_biases, relabelled_as_llama)
 
 
 @dataclass
@@ -34,10 +36,10 @@ class LayerFold:
     offset: Optional[torch.Tensor]  # (len(columns),) fp32, None when absent or all zero
 
 
-def plan_layer(o_proj: nn.Module, layer: int, head_index: torch.Tensor, scale: Optional[torch.Tensor],
-               offset: Optional[torch.Tensor], head_dim: int) -> LayerFold:
-    """The fold of one layer's adapter (its (K, head_dim) scale / offset rows), checked; ValueError if it
-    cannot be done."""
+def plan_layer(o_proj: nn.Module, layer: int, columns: torch.Tensor, scale: Optional[torch.Tensor],
+               offset: Optional[torch.Tensor]) -> LayerFold:
+    """The fold of one layer's adapter (its (K, head_dim) scale / offset rows on the input features `columns`),
+    checked; ValueError if it cannot be done."""
     check_weight_readable(o_proj, f"layer {layer}", "merge into")
     quantization = quantization_of(o_proj)
     scale = scale.reshape(-1).float() if scale is not None and bool(scale.any()) else None
@@ -47,7 +49,7 @@ def plan_layer(o_proj: nn.Module, layer: int, head_index: torch.Tensor, scale: O
                          f"bitsandbytes weights, which cannot be rescaled column by column without quantizing "
                          f"again. Merge into an unquantized copy of the base model, or keep the adapter unmerged "
                          f"(load_adapter)")
-    return LayerFold(o_proj, quantization, head_columns(head_index, head_dim), scale, offset)
+    return LayerFold(o_proj, quantization, columns, scale, offset)
 
 
 def check_weight_readable(o_proj: nn.Module, where: str, action: str) -> None:
@@ -82,61 +84,3 @@ def fold_layer(fold: LayerFold, bias_dtype: torch.dtype) -> Optional[nn.Paramete
 def bias_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of a new bias beside a quantized weight: the model's first floating parameter's."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def merge_and_unload(handle: LofitHandle, engine: str = "transformers") -> nn.Module:
-    """Fold the adapter into o_proj, remove LoFiT, and return the plain model.
-
-    Plain weights: the selected columns of W are multiplied by 1 + A, and W[:, sel] @ v is added to o_proj's bias
-    (created where o_proj has none; it follows the weight's requires_grad flag). All in fp32, cast to the weight's
-    dtype.
-
-    bitsandbytes o_proj: offsets go into the bias, computed from the dequantized weight; the quantized weight is
-    not touched. For 4-bit this equals the patched model (it dequantizes, then multiplies). LLM.int8 at inference
-    quantizes its input row by row, so the merged int8 model computes W Q(z) + W v where the patched one computes
-    W Q(z + v): a slightly different, equally valid LoFiT on an int8 base. Non-zero scales on a quantized o_proj
-    are refused (ValueError) rather than quantizing the weight again.
-
-    Args:
-        handle: the adapter (`patch_model`, `load_adapter`).
-        engine: where the saved merged model will run, "transformers", "vllm" or "sglang". Its offsets live in
-            o_proj biases, which a checkpoint keeps only where that engine builds them (`lofit_fast.serving`):
-            where it reads `config.attention_bias`, the flag is set and the other attention projections get zero
-            biases; Mistral and Qwen2 without a sliding window come back as a LlamaForCausalLM holding the same
-            weights (a new model object); elsewhere ValueError naming the reason and the alternatives.
-    Nothing is changed when a check fails.
-    """
-    if handle.lofit is None:
-        raise RuntimeError("this LoFiT handle was already removed")
-    model = handle.model
-    o_projs = find_o_projs(model, handle.target_module)
-    with torch.no_grad():
-        folds = [plan_layer(o_projs[layer], layer,
-                            *handle.lofit.layer_tensors(layer, first_parameter_device(o_projs[layer])), handle.head_dim)
-                 for layer in handle.lofit.layers]
-    bias_plan, missing_biases, llama_config = None, [], None
-    if any(fold.offset is not None for fold in folds):
-        bias_plan = plan_biases(model, engine)
-        missing_biases = [layer for layer in (*o_projs, *attention_projections(model, o_projs)) if layer.bias is None]
-        if bias_plan.how == "flag" and (engine == "transformers"
-                                        or model.config.model_type in O_PROJ_BIAS_FROM_FLAG["transformers"]):
-            check_transformers_builds_biases(model, missing_biases)
-        if bias_plan.how == "relabel":
-            llama_config = llama_config_of(model)
-    elif engine not in ENGINES:
-        raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
-    with torch.no_grad():
-        created = [fold_layer(fold, bias_dtype(model)) for fold in folds]
-    handle.remove()
-    for fold, bias in zip(folds, created):
-        if bias is not None:
-            bias.requires_grad_(fold.o_proj.weight.requires_grad)
-    if bias_plan is not None:
-        add_zero_biases(missing_biases, bias_dtype(model))
-        if bias_plan.how == "flag":
-            model.config.attention_bias = True
-        else:
-            model = relabelled_as_llama(model, llama_config)
-        if bias_plan.note:
-            warnings.warn(f"merge_and_unload(engine={engine!r}): {bias_plan.note}", stacklevel=3)
-    return model

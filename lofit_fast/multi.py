@@ -4,30 +4,12 @@
     out = handle(input_ids=ids, attention_mask=mask, adapter_names=["math", "qa", "__base__"])
     new = handle.generate(input_ids=ids, attention_mask=mask, adapter_names=["qa", "qa", "math"], max_new_tokens=8)
 
-Rows and indices. The adapters are numbered 0..A-1 in the order they were given. A route gives every batch
-row one adapter: a name per row ("__base__" for the plain base model), or an integer tensor (B,) of those
-numbers with -1 for the base model. Row b of the batch then computes the function that the model patched
-with that row's adapter alone (`load_adapter`) computes: at each layer l, for each head h of adapter a = index[b],
-
-    z'_bh = (1 + A_alh) * z_bh + v_alh        (the other heads, and every head of a -1 row: z'_bh = z_bh)
-
-Not always in the same operations: an offset-only adapter is folded into o_proj's output when alone, but goes
-through the routed head transform in a layer shared with an adapter that has scales, which rounds differently.
-Measured on the tests' tiny models (logits up to 0.55, such a row): fp32 1.5e-7 apart, fp16 4.9e-4, bf16 3.9e-3
-(two bf16 steps); rows whose adapter takes the same path as alone are bitwise equal.
-
-How a layer computes it. Each layer works on the union of the adapters' heads in that layer (one shared
-`head_index` of K heads), and every forward stacks the adapters' parameters into (A, K, head_dim) scale /
-offset tensors, zeros where an adapter lacks a head (the identity), by one differentiable gather from the
-adapters' own (K_a, head_dim) parameters. Those go to `lofit_fast.ops.head_affine(..., adapter_index=index)`,
-whose kernels read each row's scale / offset through the index; a layer where every adapter is offset-only
-folds the offsets into o_proj's output instead (`W[:, sel] @ v_a`, one (A, out_features) shift, gathered
-per row). Gradients reach each adapter's own rows only, so backward through a mixed batch trains every
-routed adapter at once, each on its own rows.
-
-Inside `MultiAdapterHandle.generate`, beam search and `num_return_sequences` repeat each input row
-(repeat_interleave), and the index is repeated the same way. Anywhere else the batch that reaches a layer must
-have one routed name per row.
+The adapters are numbered 0..A-1 in the order given. A route names one adapter per batch row ("__base__", or
+-1 in an index tensor, for the plain base model), and row b then computes what the model patched with that
+row's adapter alone computes (an offset-only adapter may take another rounding path: see `AdapterBank`).
+Backward through a mixed batch trains every routed adapter at once, each on its own rows. Inside `generate`,
+beams and `num_return_sequences` repeat each row and the route with it; anywhere else the batch that reaches a
+layer must have one routed name per row.
 """
 
 import contextlib
@@ -38,13 +20,25 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, library_version, adapter_tensors, copy_values, read_adapter, write_adapter
-from .ops import BACKENDS, head_affine, resolve_backend
-from .patch import (LOFIT_MODULE_NAME, LofitParameters, first_parameter_device, add_to_output, base_transformer,
-                    detach, find_o_projs, folded_offset, folds_offsets, freeze, hold_4bit_repacking)
+from .adapter import AdapterConfig, adapter_tensors, copy_values, read_adapter, write_adapter
+from .ops import head_affine
+from .patch import (
+    ADAPTERS_MODULE_NAME,
+    LofitParameters,
+    add_to_output,
+    check_backend_runs,
+    detach,
+    find_o_projs,
+    first_parameter_device,
+    folded_offset,
+    folds_offsets,
+    freeze,
+    hold_4bit_repacking,
+    model_to_attach,
+)
+from .version import __version__
 
 BASE = "__base__"  # the adapter name of a row that runs the plain base model (index -1)
-ADAPTERS_MODULE_NAME = "lofit_adapters"
 
 
 class AdapterBank(nn.ModuleDict):
@@ -56,6 +50,15 @@ class AdapterBank(nn.ModuleDict):
     table is a zero row followed by every adapter's parameter rows (those holding that tensor, in load
     order), so row 0 stands for "this adapter has no such head". Absent when no adapter of the layer has
     scales (offsets).
+
+    How a layer computes: every forward stacks the adapters' parameters into (A, K, head_dim) scale / offset
+    tensors (zeros, the identity, where an adapter lacks a head) by one differentiable gather from the adapters'
+    own parameters, so each gradient lands in its own adapter; `head_affine(..., adapter_index=)` reads each row's
+    through the index. A layer whose adapters are all offset-only folds them into o_proj's output instead
+    (`W[:, sel] @ v_a`, one shift per adapter, gathered per row). So an offset-only adapter that shares a layer
+    with one that has scales goes through the head transform, not the fold it takes alone, and rounds differently:
+    on the tests' tiny models (logits up to 0.55) fp32 1.5e-7 apart, fp16 4.9e-4, bf16 3.9e-3; rows whose
+    adapter takes the same path as alone are bitwise equal.
     """
 
     ATTRIBUTES = ("head_dim", "layers", "layer_adapters", "layer_has_scale", "adapter_index", "routed_adapters",
@@ -70,9 +73,9 @@ class AdapterBank(nn.ModuleDict):
         self.layer_adapters: dict[int, frozenset] = {}  # layer -> the adapters (numbers) with heads there
         self.layer_has_scale: dict[int, bool] = {}
         for layer in self.layers:
-            union = sorted({head for name in names for l, head in heads[name] if l == layer})
+            union = sorted({head for name in names for at, head in heads[name] if at == layer})
             self.register_buffer(f"head_index_{layer}", torch.tensor(union, device=device), persistent=False)
-            members = [i for i, name in enumerate(names) if any(l == layer for l, _ in heads[name])]
+            members = [i for i, name in enumerate(names) if any(at == layer for at, _ in heads[name])]
             self.layer_adapters[layer] = frozenset(members)
             for kind in ("scale", "offset"):
                 rows = self._table_rows(kind, layer, union, heads)
@@ -92,8 +95,8 @@ class AdapterBank(nn.ModuleDict):
         for number, (name, adapter) in enumerate(self.items()):
             if getattr(adapter, kind) is None:
                 continue
-            for slot, (l, head) in enumerate(heads[name]):
-                if l == layer:
+            for slot, (at, head) in enumerate(heads[name]):
+                if at == layer:
                     rows[number, union.index(head)] = first_row + slot
                     used = True
             first_row += len(heads[name])
@@ -167,9 +170,9 @@ class RoutedTransformHook:
         index, head_index = self.bank.layer_routing(self.layer, z)
         scale = self.bank.layer_parameters(self.layer, "scale", z.device)
         offset = self.bank.layer_parameters(self.layer, "offset", z.device)
-        # route() validated the index once: no per-layer range check (a device sync per decoding step).
+        # route() and load_adapters validated the indices once: no per-layer check (a device sync per decoding step).
         return (head_affine(z, head_index, scale, offset, backend=self.backend, adapter_index=index,
-                            check_adapter_index=False), *args[1:])
+                            check_adapter_index=False, check_head_index=False), *args[1:])
 
 
 class RoutedOffsetFoldHook:
@@ -316,7 +319,7 @@ class MultiAdapterHandle:
         """Write adapter `adapter_name` to `directory` in the layout of `LofitHandle.save_pretrained`
         (`load_adapter` / `load_adapters` read it back), with its current parameters."""
         tensors = adapter_tensors(self.parameters_of(adapter_name))
-        config = dataclasses.replace(self._configs[adapter_name], lofit_fast_version=library_version())
+        config = dataclasses.replace(self._configs[adapter_name], lofit_fast_version=__version__)
         write_adapter(directory, config, tensors)
 
     def remove(self) -> nn.Module:
@@ -364,10 +367,12 @@ def load_adapters(model: nn.Module, adapters: dict, backend: str = "auto",
                   trainable: bool = False) -> MultiAdapterHandle:
     """Load several LoFiT adapters onto `model` and return the handle that routes batch rows to them.
 
-    adapters: {name: adapter directory}, in order: adapter number i of an index route is the i-th. Names are
-        non-empty strings without '.', and not "__base__" (the name of a base-model row).
-    backend: "auto", "torch" or "triton", for the routed head transform (`lofit_fast.ops.head_affine`).
-    trainable: whether the adapters' parameters require grad (the base model is frozen either way).
+    Args:
+        model: the base model the adapters were saved for (a PEFT model gets them inside).
+        adapters: {name: adapter directory}, in order: adapter number i of an index route is the i-th. Names are
+            non-empty strings without '.', and not "__base__" (the name of a base-model row).
+        backend: "auto", "torch" or "triton", for the routed head transform (`lofit_fast.ops.head_affine`).
+        trainable: whether the adapters' parameters require grad (the base model is frozen either way).
 
     Every file is read and checked against the model before the model is touched: each adapter must be saved
     for this architecture and shape, and all for the same target module; they may differ in heads and in
@@ -375,16 +380,7 @@ def load_adapters(model: nn.Module, adapters: dict, backend: str = "auto",
     `model.lofit_adapters.<name>` (`handle.parameters_of(name)`). The model cannot carry `patch_model`'s
     single adapter at the same time. A PEFT model gets the adapters inside, as with `patch_model`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"load_adapters takes a torch.nn.Module, not {type(model).__name__}")
-    model = base_transformer(model)
-    for attribute, what in ((LOFIT_MODULE_NAME, "a LoFiT adapter (patch_model / load_adapter)"),
-                            (ADAPTERS_MODULE_NAME, "adapters from load_adapters")):
-        if hasattr(model, attribute):
-            raise ValueError(f"this model already carries {what} as model.{attribute}; call that handle's "
-                             f"remove() first")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    model = model_to_attach(model, "load_adapters", backend)
     if not isinstance(adapters, dict) or not adapters:
         raise ValueError("adapters must be a non-empty dict {name: adapter directory}")
     configs, tensors = {}, {}
@@ -395,7 +391,5 @@ def load_adapters(model: nn.Module, adapters: dict, backend: str = "auto",
     if len(set(target_modules.values())) > 1:
         raise ValueError(f"the adapters act on different modules ({target_modules}); adapters loaded together "
                          f"must share target_module")
-    if backend == "triton":
-        o_proj = find_o_projs(model, next(iter(target_modules.values())))[0]
-        resolve_backend("triton", first_parameter_device(o_proj), torch.float32)
+    check_backend_runs(model, next(iter(target_modules.values())), backend)
     return MultiAdapterHandle(model, configs, tensors, backend, trainable)

@@ -1,25 +1,14 @@
-"""The LoFiT head transform as a registered torch op, with its plain PyTorch implementation.
+"""The LoFiT head transform of one layer as a registered torch op, `head_affine`, and its plain PyTorch
+implementation.
 
     z'_h = (1 + scale_k) * z_h + offset_k   for h = head_index[k];   z'_h = z_h for other heads
 
-`z` is the input of one layer's `o_proj`, (..., num_heads * head_dim). `scale` and `offset` are
-(K, head_dim), usually fp32 master weights; either may be None.
-
-Many adapters in one batch (a server mixing tasks): with `adapter_index`, an integer tensor (B,) for z of
-shape (B, ..., num_heads * head_dim), `scale` / `offset` are (A, K, head_dim), one (K, head_dim) block per
-adapter (all adapters share the slot order of `head_index`; a head an adapter does not use holds zeros), and
-batch row b uses adapter `adapter_index[b]`, or none when it is -1 (the row passes through unchanged). Their
-gradients are (A, K, head_dim): each adapter's token sums over the rows that use it, zeros for unused ones.
-Entries outside [-1, A) raise ValueError; reading their range costs one device sync per call, which a caller
-that validated the index once (as `MultiAdapterHandle.route` does) skips with `check_adapter_index=False`. Unchecked,
-the kernels never read outside scale / offset: a row with such an index passes through unchanged, as with -1
-(the torch backend fails to index instead).
-
-Two backends compute the op:
-"triton" (the fused kernels in `lofit_fast.kernels`) and "torch" (this file: the CPU path and the
-test oracle, exact in fp64). Both run behind one `torch.library.custom_op` with one autograd rule,
-so `torch.compile(fullgraph=True)` sees a single opaque node and backward saves the same thing
-either way: the selected heads' slice of z, and only when the scale needs a gradient.
+`z` is the input of one layer's `o_proj`, (..., num_heads * head_dim); `scale` / `offset` are (K, head_dim) fp32
+master weights (either may be None), or (A, K, head_dim) for several adapters routed by batch row. Two backends
+compute it: "triton" (the fused kernels in `lofit_fast.kernels`) and "torch" (this file: the CPU path and the test
+oracle, exact in fp64). Both run behind one `torch.library.custom_op` with one autograd rule, so
+`torch.compile(fullgraph=True)` sees one opaque node and backward saves the same thing either way: the selected
+heads' slice of z, and only when the scale needs a gradient.
 """
 
 import importlib.util
@@ -272,11 +261,27 @@ def _check_adapter_index_range(adapter_index, num_adapters):
                          f"stacked in scale / offset")
 
 
+def _check_head_index_values(head_index, num_heads):
+    """ValueError unless head_index holds distinct heads in [0, num_heads): the kernels would write outside z
+    for a head out of range, and two slots of one head race. Free for a CPU index; one device sync otherwise
+    (skipped while a CUDA graph is captured)."""
+    if head_index.numel() == 0 or (head_index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    values = head_index.tolist()
+    if min(values) < 0 or max(values) >= num_heads:
+        raise ValueError(f"head_index holds heads in [{min(values)}, {max(values)}], outside [0, {num_heads}): z "
+                         f"has {num_heads} heads of this head_dim")
+    if len(set(values)) != len(values):
+        raise ValueError(f"head_index names a head more than once ({values}); give each head one slot")
+
+
 @torch.library.custom_op("lofit_fast::head_affine", mutates_args=())
 def _head_affine_op(z: Tensor, head_index: Tensor, scale: Optional[Tensor], offset: Optional[Tensor],
                     save_selected: bool, backend: str,
                     adapter_index: Optional[Tensor] = None,
-                    check_adapter_index: bool = True) -> tuple[Tensor, Tensor]:
+                    check_adapter_index: bool = True, check_head_index: bool = True) -> tuple[Tensor, Tensor]:
+    if check_head_index:
+        _check_head_index_values(head_index, z.shape[-1] // (scale if scale is not None else offset).shape[-1])
     if adapter_index is not None and check_adapter_index:
         _check_adapter_index_range(adapter_index, (scale if scale is not None else offset).shape[0])
     if backend == "triton":
@@ -285,7 +290,8 @@ def _head_affine_op(z: Tensor, head_index: Tensor, scale: Optional[Tensor], offs
 
 
 @_head_affine_op.register_fake
-def _(z, head_index, scale, offset, save_selected, backend, adapter_index=None, check_adapter_index=True):
+def _(z, head_index, scale, offset, save_selected, backend, adapter_index=None, check_adapter_index=True,
+      check_head_index=True):
     # Same shapes in both modes: z' is z's shape, z_selected has one row per token of z.
     head_dim = (scale if scale is not None else offset).shape[-1]
     num_tokens = z.numel() // z.shape[-1]
@@ -333,7 +339,7 @@ def _(grad_out, saved, head_index, scale, head_dim, need_grad_z, need_grad_scale
 
 
 def _setup_context(ctx, inputs, output):
-    z, head_index, scale, offset, save_selected, backend, adapter_index, _ = inputs
+    z, head_index, scale, offset, save_selected, backend, adapter_index, *_ = inputs
     params = scale if scale is not None else offset
     ctx.head_dim = params.shape[-1]
     ctx.num_adapters = params.shape[0] if adapter_index is not None else 0
@@ -351,7 +357,7 @@ def _backward(ctx, grad_out, _grad_z_selected):
     saved, head_index, scale, adapter_index = ctx.saved_tensors
     need_grad_z, _, need_grad_scale, need_grad_offset = ctx.needs_input_grad[:4]
     if grad_out is None:  # z' did not reach the loss (grads are not materialised, see _setup_context)
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     if need_grad_scale and saved.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("lofit_fast::head_affine was called with save_selected=False, but the scale "
                            "needs a gradient; call lofit_fast.ops.head_affine, which sets it")
@@ -362,18 +368,43 @@ def _backward(ctx, grad_out, _grad_z_selected):
         grad_z = grad_out  # the transform is a shift: its gradient passes through unchanged
     return (grad_z if need_grad_z else None, None,
             grad_scale.to(ctx.scale_dtype) if need_grad_scale else None,
-            grad_offset.to(ctx.offset_dtype) if need_grad_offset else None, None, None, None, None)
+            grad_offset.to(ctx.offset_dtype) if need_grad_offset else None, None, None, None, None, None)
 
 
 _head_affine_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_ADAPTER_INDEX_DTYPES = (torch.int64, torch.int32)
+_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def _check_param_shapes(z, scale, offset, adapter_index):
+def _check_index_and_channels(z, head_index, scale, offset):
+    """ValueError unless head_index is a 1-D integer tensor on z's device with one entry per slot of scale /
+    offset, and z's channels are whole heads of their head_dim. Metadata only: no device sync."""
+    if not isinstance(head_index, Tensor) or head_index.dtype not in _INDEX_DTYPES or head_index.dim() != 1:
+        found = (f"{head_index.dtype} of shape {tuple(head_index.shape)}" if isinstance(head_index, Tensor)
+                 else type(head_index).__name__)
+        raise ValueError(f"head_index must be a 1-D int64 (or int32) tensor, not {found}; use "
+                         f"torch.tensor(heads, dtype=torch.long, device=z.device)")
+    if head_index.device != z.device:
+        raise ValueError(f"head_index is on {head_index.device} and z on {z.device}; move it to z's device")
+    for name, value in (("scale", scale), ("offset", offset)):
+        if value is None or value.dim() < 2:
+            continue
+        if value.shape[-2] != head_index.shape[0]:
+            raise ValueError(f"{name} has {value.shape[-2]} head slots (shape {tuple(value.shape)}) and head_index "
+                             f"{head_index.shape[0]} heads; give one (head_dim,) row per selected head")
+        if value.shape[-1] == 0 or z.dim() == 0 or z.shape[-1] % value.shape[-1]:
+            raise ValueError(f"z has {z.shape[-1] if z.dim() else 0} channels, not a whole number of heads of "
+                             f"{name}'s head_dim {value.shape[-1]}; z's last dim is num_heads * head_dim")
+    if scale is not None and offset is not None and scale.shape[-2:] != offset.shape[-2:]:
+        raise ValueError(f"scale {tuple(scale.shape)} and offset {tuple(offset.shape)} must have the same "
+                         f"(K, head_dim)")
+
+
+def _check_param_shapes(z, head_index, scale, offset, adapter_index):
     """ValueError unless the parameters (and adapter_index, when given) have the shapes of their mode. Shapes,
     dtypes and devices only: nothing here reads device memory (the range is checked in the op)."""
+    _check_index_and_channels(z, head_index, scale, offset)
     params = (("scale", scale), ("offset", offset))
     if adapter_index is None:
         for name, value in params:
@@ -381,7 +412,7 @@ def _check_param_shapes(z, scale, offset, adapter_index):
                 raise ValueError(f"{name} has shape {tuple(value.shape)}; it must be (K, head_dim), or "
                                  f"(adapters, K, head_dim) together with adapter_index")
         return
-    if not isinstance(adapter_index, Tensor) or adapter_index.dtype not in _ADAPTER_INDEX_DTYPES:
+    if not isinstance(adapter_index, Tensor) or adapter_index.dtype not in _INDEX_DTYPES:
         found = adapter_index.dtype if isinstance(adapter_index, Tensor) else type(adapter_index).__name__
         raise ValueError(f"adapter_index must be an int64 (or int32) tensor, not {found}; use "
                          f"torch.as_tensor(indices, dtype=torch.long, device=z.device)")
@@ -402,24 +433,34 @@ def _check_param_shapes(z, scale, offset, adapter_index):
 
 def head_affine(z: Tensor, head_index: Tensor, scale: Optional[Tensor] = None,
                 offset: Optional[Tensor] = None, backend: str = "auto",
-                adapter_index: Optional[Tensor] = None, check_adapter_index: bool = True) -> Tensor:
-    """Apply `z'_h = (1 + scale) * z_h + offset` to the heads in `head_index` (see the module doc).
+                adapter_index: Optional[Tensor] = None, check_adapter_index: bool = True,
+                check_head_index: bool = True) -> Tensor:
+    """Apply `z'_h = (1 + scale) * z_h + offset` to the heads in `head_index`; the other heads pass unchanged.
 
-    `backend` is "auto" (Triton for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1; torch
-    otherwise), "torch" or "triton".
-
-    `adapter_index` (optional): an int64 (or int32) tensor (B,) on z's device for z of shape (B, ..., C); then
-    scale / offset are (A, K, head_dim) and row b uses adapter adapter_index[b], or none when it is -1.
-
-    `check_adapter_index`: raise ValueError for an entry of adapter_index outside [-1, A), at the cost of one
-    device sync per call. Pass False for an index validated once beforehand (a route of `load_adapters` is):
-    the op then never syncs, and an entry out of range leaves its row unchanged on the Triton backend.
+    Args:
+        z: the input of one layer's o_proj, (..., num_heads * head_dim), any float dtype, any strides.
+        head_index: the selected heads, int64 (K,), on z's device; slot k of scale / offset acts on head_index[k].
+        scale, offset: (K, head_dim), usually fp32 master weights; either may be None, not both.
+        backend: "auto" (Triton for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1; torch otherwise),
+            "torch" or "triton".
+        adapter_index: several adapters in one batch: an int64 (or int32) tensor (B,) on z's device for z of
+            shape (B, ..., C); scale / offset are then (A, K, head_dim), one block per adapter (a head an adapter
+            does not use holds zeros), and row b uses adapter adapter_index[b], none for -1. Their gradients are
+            (A, K, head_dim): each adapter's sums over its own rows.
+        check_adapter_index: raise ValueError for an entry outside [-1, A), at the cost of one device sync per
+            call. False for an index validated once beforehand (a route of `load_adapters` is): the op never
+            syncs, and on the Triton backend a row with an index out of range passes unchanged.
+        check_head_index: raise ValueError for a head_index entry out of range or repeated: free for a CPU
+            index, one device sync per call otherwise. False for an index validated once beforehand (the hooks
+            of `patch_model` / `load_adapters` pass False): the kernels trust it.
+    Returns z' with z's shape and dtype (contiguous).
     """
     if scale is None and offset is None:
         raise ValueError("head_affine needs a scale, an offset or both; both are None")
-    _check_param_shapes(z, scale, offset, adapter_index)
+    _check_param_shapes(z, head_index, scale, offset, adapter_index)
     backend = resolve_backend(backend, z.device, z.dtype)
     # Only a scale that is being trained needs the selected heads of z saved for backward.
     save_selected = scale is not None and scale.requires_grad and torch.is_grad_enabled()
-    out, _ = _head_affine_op(z, head_index, scale, offset, save_selected, backend, adapter_index, check_adapter_index)
+    out, _ = _head_affine_op(z, head_index, scale, offset, save_selected, backend, adapter_index, check_adapter_index,
+                             check_head_index)
     return out

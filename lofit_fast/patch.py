@@ -7,6 +7,7 @@ parameters left trainable. `handle.remove()` takes all of it away again.
 """
 
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -15,9 +16,22 @@ import torch
 from torch import nn
 
 from .bnb import REPACKED_REMEDY, Repacking4bitHold, RepackingCheckHook, linear_response
+from .export import lora_of_layer, write_peft_lora
+from .merge import bias_dtype, fold_layer, plan_layer
 from .ops import BACKENDS, head_affine, resolve_backend
+from .serving import (
+    ENGINES,
+    O_PROJ_BIAS_FROM_FLAG,
+    add_zero_biases,
+    attention_projections,
+    check_transformers_builds_biases,
+    llama_config_of,
+    plan_biases,
+    relabelled_as_llama,
+)
 
-LOFIT_MODULE_NAME = "lofit"
+LOFIT_MODULE_NAME = "lofit"  # model.lofit: patch_model's and load_adapter's parameters
+ADAPTERS_MODULE_NAME = "lofit_adapters"  # model.lofit_adapters: load_adapters' bank of adapters
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,8 @@ def decoder_layers(model: nn.Module) -> nn.Module:
         return model.get_submodule(spec.layers)
     except AttributeError as error:
         raise ValueError(f"could not find {spec.layers} in {type(model).__name__} ({error}); fix the path with "
-                         f"lofit_fast.register_architecture({model.config.model_type!r}, layers=..., o_proj=...)") from None
+                         f"lofit_fast.register_architecture({model.config.model_type!r}, layers=..., "
+                         f"o_proj=...)") from None
 
 
 def find_o_projs(model: nn.Module, target_module: Optional[str] = None) -> list[nn.Module]:
@@ -144,7 +159,7 @@ class LofitParameters(nn.Module):
         self.handle_ref = None  # weakref.ref to the LofitHandle that owns this module (see `handle_of`)
         self.layers = sorted({layer for layer, _ in heads})
         for layer in self.layers:
-            slots = [i for i, (l, _) in enumerate(heads) if l == layer]
+            slots = [i for i, (at, _) in enumerate(heads) if at == layer]
             self.register_buffer(f"slots_{layer}", torch.tensor(slots, device=device), persistent=False)
             self.register_buffer(f"head_index_{layer}", torch.tensor([heads[i][1] for i in slots], device=device),
                                  persistent=False)
@@ -164,6 +179,17 @@ class LofitParameters(nn.Module):
             return moved
 
         return super()._apply(keep_float32, recurse)
+
+    def initialize(self, std: float, seed: int) -> None:
+        """Draw every parameter from Normal(0, std) (std 0: zeros, the base model itself) with a CPU generator
+        seeded by `seed`, so that a seed gives the same start on any device and through every API (select_heads,
+        tune, get_lofit_model)."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for parameter in (self.scale, self.offset):
+                if parameter is not None:
+                    draw = torch.randn(parameter.shape, generator=generator) * std
+                    parameter.copy_(draw.to(parameter.device) if std else torch.zeros_like(parameter))
 
     def layer_tensors(self, layer: int, device: torch.device):
         """(head_index, scale rows, offset rows) of one layer, on `device`."""
@@ -189,7 +215,8 @@ class TransformHook:
             return None
         z = args[0]
         head_index, scale, offset = self.lofit.layer_tensors(self.layer, z.device)
-        return (head_affine(z, head_index, scale, offset, backend=self.backend), *args[1:])
+        # patch_model validated the heads once: no per-call check (a device sync on CUDA).
+        return (head_affine(z, head_index, scale, offset, backend=self.backend, check_head_index=False), *args[1:])
 
 
 class OffsetFoldHook:
@@ -320,18 +347,64 @@ class LofitHandle:
     def export_peft_lora(self, directory) -> None:
         """Write the adapter as a standard PEFT LoRA adapter of o_proj (adapter_config.json and
         adapter_model.safetensors, atomically), which `peft.PeftModel.from_pretrained` loads onto the base model
-        without lofit_fast (see `lofit_fast.export`)."""
-        from .export import export_peft_lora
-
-        export_peft_lora(self, directory)
+        without lofit_fast (`lofit_fast.export` says how)."""
+        lofit = self._live()
+        spec = architecture_spec(self.model)
+        o_projs = find_o_projs(self.model, self.target_module)
+        tensors = {}
+        with torch.no_grad():
+            for layer in lofit.layers:
+                head_index, scale, offset = lofit.layer_tensors(layer, first_parameter_device(o_projs[layer]))
+                name = f"{spec.layers}.{layer}.{self.target_module or spec.o_proj}"
+                tensors.update(lora_of_layer(name, o_projs[layer], head_columns(head_index, self.head_dim), scale,
+                                             offset))
+        write_peft_lora(directory, tensors, getattr(self.model.config, "_name_or_path", None) or None)
 
     def merge_and_unload(self, engine: str = "transformers") -> nn.Module:
-        """Fold the adapter into o_proj (offsets into its bias, scales into its weight columns), remove
-        LoFiT, and return the plain model, saved as it is, keeps the offsets in `engine` ("transformers",
-        "vllm" or "sglang"; see `lofit_fast.adapter.merge_and_unload`)."""
-        from .merge import merge_and_unload
+        """Fold the adapter into o_proj (offsets into its bias, scales into its weight columns; `lofit_fast.merge`),
+        remove LoFiT, and return the plain model. Nothing is changed when a check fails.
 
-        return merge_and_unload(self, engine)
+        Args:
+            engine: where the saved merged model will run, "transformers", "vllm" or "sglang". The offsets live in
+                o_proj biases, which a checkpoint keeps only where that engine builds them (`lofit_fast.serving`):
+                where it reads `config.attention_bias`, the flag is set and the other attention projections get
+                zero biases; Mistral and Qwen2 without a sliding window come back as a LlamaForCausalLM holding
+                the same weights (a new model object); elsewhere ValueError naming the reason and the alternatives.
+        """
+        lofit, model = self._live(), self.model
+        o_projs = find_o_projs(model, self.target_module)
+        with torch.no_grad():
+            folds = []
+            for layer in lofit.layers:
+                head_index, scale, offset = lofit.layer_tensors(layer, first_parameter_device(o_projs[layer]))
+                folds.append(plan_layer(o_projs[layer], layer, head_columns(head_index, self.head_dim), scale, offset))
+        bias_plan, missing_biases, llama_config = None, [], None
+        if any(fold.offset is not None for fold in folds):
+            bias_plan = plan_biases(model, engine)
+            missing_biases = [layer for layer in (*o_projs, *attention_projections(model, o_projs))
+                              if layer.bias is None]
+            if bias_plan.how == "flag" and (engine == "transformers"
+                                            or model.config.model_type in O_PROJ_BIAS_FROM_FLAG["transformers"]):
+                check_transformers_builds_biases(model, missing_biases)
+            if bias_plan.how == "relabel":
+                llama_config = llama_config_of(model)
+        elif engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+        with torch.no_grad():
+            created = [fold_layer(fold, bias_dtype(model)) for fold in folds]
+        self.remove()
+        for fold, bias in zip(folds, created):
+            if bias is not None:
+                bias.requires_grad_(fold.o_proj.weight.requires_grad)
+        if bias_plan is not None:
+            add_zero_biases(missing_biases, bias_dtype(model))
+            if bias_plan.how == "flag":
+                model.config.attention_bias = True
+            else:
+                model = relabelled_as_llama(model, llama_config)
+            if bias_plan.note:
+                warnings.warn(f"merge_and_unload(engine={engine!r}): {bias_plan.note}", stacklevel=2)
+        return model
 
     def remove(self) -> nn.Module:
         """Take LoFiT out of the model: hooks, parameters, and the requires_grad flags it changed.
@@ -424,12 +497,15 @@ def patch_model(model: nn.Module, heads=None, scale: bool = True, offset: bool =
                 backend: str = "auto", target_module: Optional[str] = None) -> LofitHandle:
     """Add LoFiT to `model` in place and return the handle.
 
-    heads: None for every query head of every layer, or an iterable of (layer, head); `handle.heads`
-        keeps that order, and row i of `handle.scale` / `handle.offset` belongs to `handle.heads[i]`.
-    scale, offset: which of the two vectors to learn (fp32, zero-initialised: identity).
-    backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
-    target_module: the dotted path from a decoder layer to the module whose input LoFiT transforms, when
-        it is not the architecture's attention output projection (e.g. "self_attn.o_proj.base_layer").
+    Args:
+        model: a Hugging Face causal LM of a known architecture (`ARCHITECTURES`), plain or bitsandbytes
+            8-bit / 4-bit, or a PEFT model around one.
+        heads: None for every query head of every layer, or an iterable of (layer, head); `handle.heads`
+            keeps that order, and row i of `handle.scale` / `handle.offset` belongs to `handle.heads[i]`.
+        scale, offset: which of the two vectors to learn (fp32, zero-initialised: identity).
+        backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
+        target_module: the dotted path from a decoder layer to the module whose input LoFiT transforms, when
+            it is not the architecture's attention output projection (e.g. "self_attn.o_proj.base_layer").
     The base model's parameters are frozen; the LoFiT parameters are the only trainable ones. A PEFT model
     (e.g. with LoRA) is patched inside: LoFiT goes into `model.get_base_model()`, and the LoRA
     parameters are frozen with the rest (set their requires_grad again to train both).
@@ -445,22 +521,39 @@ def attach(model: nn.Module, heads, scale: bool, offset: bool, backend: str, tar
            trainable: bool) -> LofitHandle:
     """`patch_model`, with the LoFiT parameters trainable or not (`load_adapter` loads frozen adapters for
     inference, which may then run on bitsandbytes' 4-bit CPU inference kernel)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"patch_model takes a torch.nn.Module, not {type(model).__name__}")
-    model = base_transformer(model)
-    if hasattr(model, LOFIT_MODULE_NAME):
-        raise ValueError("this model is already patched with LoFiT; call handle.remove() (or "
-                         "handle.merge_and_unload()) first, then patch again")
+    model = model_to_attach(model, "patch_model", backend)
     if not (scale or offset):
         raise ValueError("scale and offset are both off; LoFiT needs at least one of them")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if target_module is not None and (not isinstance(target_module, str) or not target_module):
         raise ValueError(f"target_module must be a dotted module path such as 'self_attn.o_proj', "
                          f"not {target_module!r}")
     shape = attention_shape(model, target_module)
     validated = _validate_heads(heads, shape)
-    if backend == "triton":
-        o_proj = find_o_projs(model, target_module)[0]
-        resolve_backend("triton", first_parameter_device(o_proj), torch.float32)
+    check_backend_runs(model, target_module, backend)
     return LofitHandle(model, validated, shape, scale, offset, backend, target_module, trainable=trainable)
+
+
+# The attribute under which a model carries LoFiT, and what put it there: one model carries one of them.
+ATTACHED_MODULES = {LOFIT_MODULE_NAME: "a LoFiT adapter (patch_model / load_adapter)",
+                    ADAPTERS_MODULE_NAME: "adapters from load_adapters"}
+
+
+def model_to_attach(model: nn.Module, caller: str, backend: str) -> nn.Module:
+    """The Hugging Face model inside `model` (itself, or a PEFT model's base) that `caller` attaches LoFiT to,
+    checked: a torch module that carries no LoFiT yet, and a known backend (TypeError / ValueError saying so)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} takes a torch.nn.Module, not {type(model).__name__}")
+    model = base_transformer(model)
+    for attribute, what in ATTACHED_MODULES.items():
+        if hasattr(model, attribute):
+            raise ValueError(f"this model already carries {what} as model.{attribute} (it is already patched); "
+                             f"call that handle's remove() (or merge_and_unload()) first")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    return model
+
+
+def check_backend_runs(model: nn.Module, target_module: Optional[str], backend: str) -> None:
+    """For backend "triton", ValueError unless its kernels can run where the model's o_proj is."""
+    if backend == "triton":
+        resolve_backend("triton", first_parameter_device(find_o_projs(model, target_module)[0]), torch.float32)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .losses import IGNORE_INDEX
 from .patch import attention_shape, find_o_projs
-from .training import HeadRanking
+from .ranking import HeadRanking
 
 # Fewer pairs than this leave too few for both a train and a validation split to mean anything.
 MIN_PAIRS = 8
@@ -195,14 +195,18 @@ def probe_ranking(model: nn.Module, train_dataset, data_collator, *, batch_size:
                   l2: float = 1e-2) -> HeadRanking:
     """Rank every head by the validation accuracy of a linear probe on its activation (ITI-style).
 
-    train_dataset: SFT rows (input_ids, labels with the prompt masked to -100, as `data.tokenize_sft`
-        makes) or preference rows (chosen_* / rejected_*, as `data.tokenize_preference` makes), batched by
-        `data_collator`. Preference rows give the pairs directly; for SFT rows each prompt's negative takes
-        the answer of another example whose answer differs (drawn with `seed`; examples whose answer all
-        others share are left out). At least MIN_PAIRS pairs are needed.
-    The pairs (not sequences: a prompt's two sides stay together) are split with `seed`, a fraction
-    `validation_fraction` held out. Features are standardised with the train split's mean and std, and
-    each head's probe is fitted by `fit_probes` (steps, learning_rate, l2).
+    Args:
+        model: the base model (nothing is trained in it).
+        train_dataset: SFT rows (input_ids, labels with the prompt masked to -100, as `data.tokenize_sft`
+            makes) or preference rows (chosen_* / rejected_*, as `data.tokenize_preference` makes), batched by
+            `data_collator`. Preference rows give the pairs directly; for SFT rows each prompt's negative takes
+            the answer of another example whose answer differs (drawn with `seed`; examples whose answer all
+            others share are left out). At least MIN_PAIRS pairs are needed.
+        batch_size: sequences per forward pass when reading activations.
+        validation_fraction, seed: the pairs (not sequences: a prompt's two sides stay together) are split with
+            `seed`, this fraction held out.
+        steps, learning_rate, l2: each head's probe, fitted by `fit_probes` on features standardised with the
+            train split's mean and std.
 
     Score: validation accuracy; ties (likely with few validation pairs) go to the higher validation
     log-likelihood, then to the lower (layer, head). Settings record the probe's settings and pair counts.

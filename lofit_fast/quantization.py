@@ -6,41 +6,12 @@
 
 `patch_model` works on a bitsandbytes model as it is: LoFiT only reads o_proj's input (scales) or adds
 to its output (offsets), and bitsandbytes' Linear4bit / Linear8bitLt pass gradients to their input.
-`prepare_kbit_training` does the three things that training on such a model still needs:
-
-1. Freeze the base. Every parameter outside `model.lofit` stops requiring grad (so it can be called
-   before or after `patch_model`).
-2. Keep bitsandbytes' 4-bit CPU kernel out of training. On CPUs with AVX512-BF16, Linear4bit repacks
-   its weight for a gemv kernel the first time it runs in eval mode without grad (a DPO reference pass,
-   an evaluation), and from then on multiplies with that kernel, which has no backward: autograd would
-   only warn, and LoFiT's gradients would be wrong. The repacking is switched off (so call this before
-   any eval-mode pass); a weight that is repacked already is refused, as bitsandbytes' unpacking is lossy.
-3. Gradient checkpointing, non-reentrant, *without* making the embeddings' output require grad.
-   Transformers' `gradient_checkpointing_enable` (and so Trainer's `gradient_checkpointing=True`) adds
-   a hook that does exactly that, because reentrant checkpointing and PEFT need it; then every layer's
-   output requires grad and backward runs, and recomputes, every layer down to the embeddings.
-   Non-reentrant checkpointing needs no input gradient: the LoFiT parameters inside a checkpointed layer
-   make its output require grad, so backward still stops at the lowest layer that holds a selected head
-   (tests/test_quantized.py counts the recomputed layers). The hook is removed.
-
-What it does *not* do is PEFT's `prepare_model_for_kbit_training` upcast of every non-quantized weight
-(layer norms, embeddings, lm_head) to fp32, which PEFT does for numerical stability. LoFiT's own
-parameters are fp32 master weights whatever the base dtype; what the upcast would buy for their gradients
-was measured instead, on a 4-layer llama (hidden 256, vocab 1000, NF4, batch 4 x 64 tokens): relative
-error of the LoFiT gradients against the same NF4 base computed in fp32, with the base's non-quantized
-weights kept in 16 bits / upcast to fp32, for two seeds:
-
-    compute  step               seed 0 kept / upcast    seed 1 kept / upcast    saved for backward
-    bf16     1 (scale, all)     7.09e-2 / 7.02e-2       6.52e-2 / 6.47e-2       7.62 -> 12.09 MB
-    bf16     2 (offset, K=4)    3.94e-2 / 3.92e-2       4.82e-2 / 4.82e-2       5.78 ->  8.93 MB
-    fp16     1 (scale, all)     3.01e-2 / 3.00e-2       2.28e-2 / 2.28e-2       7.62 -> 12.09 MB
-    fp16     2 (offset, K=4)    1.87e-2 / 1.86e-2       1.60e-2 / 1.58e-2       5.78 ->  8.93 MB
-
-The upcast removes about 1% of the 16-bit gradient error, which comes from the 16-bit matmuls and
-attention that it leaves as they are (the losses differ from fp32 by under 7e-4 either way). It costs
-55-59% more activation memory saved for backward, as the residual stream and the logits become fp32 (on
-the test's tiny model the upcast model saves exactly what an fp32 model saves), and twice the bytes of
-every non-quantized weight. So the base keeps its dtype; tests/test_quantized.py checks both findings.
+`prepare_kbit_training` does the three things that training on such a model still needs: it freezes the base,
+keeps the 4-bit layers off bitsandbytes' CPU kernel that has no backward, and turns on non-reentrant gradient
+checkpointing that still stops backward at the lowest selected layer. It does not upcast the base to fp32 as
+PEFT does: measured, it costs 55-59% more saved activations and removes about 1% of the 16-bit error of
+LoFiT's gradients (benchmarks/README.md).
+`quantization_info` says how a model is quantized.
 """
 
 from dataclasses import dataclass
@@ -49,9 +20,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .bnb import bitsandbytes_module, is_repacked, linear4bit_layers, quantized_linears, repacking_error
+from .bnb import (
+    bitsandbytes_module,
+    is_repacked,
+    keep_unpacked,
+    linear4bit_layers,
+    quantized_linears,
+    repacking_error,
+)
 from .patch import LofitParameters
-
 
 # ----------------------------------------------------------------------------------------------
 # Detection
@@ -73,7 +50,11 @@ class QuantizationInfo:
 
 def quantization_info(model: nn.Module) -> Optional[QuantizationInfo]:
     """How `model` is quantized by bitsandbytes, or None when it has no quantized linear layer.
-    ValueError if it mixes methods (LoFiT itself would not mind; the report would be wrong)."""
+    ValueError if it mixes methods (LoFiT itself would not mind; the report would be wrong).
+
+    Args:
+        model: any nn.Module; its bitsandbytes Linear8bitLt / Linear4bit layers are inspected.
+    """
     layers = quantized_linears(model)
     if not layers:
         return None
@@ -108,11 +89,18 @@ def prepare_kbit_training(model: nn.Module, gradient_checkpointing: bool = False
     """Get a (bitsandbytes or plain) Hugging Face model ready for LoFiT training; returns it.
 
     Freezes every parameter but LoFiT's (`model.lofit`, also inside a LofitModel or a PEFT model, or the
-    `load_adapters` bank), keeps bitsandbytes' 4-bit layers on differentiable kernels (see the module doc),
-    and with `gradient_checkpointing=True` turns on non-reentrant checkpointing without the embedding hook
-    that would make backward run through every layer.
+    `load_adapters` bank; so it can be called before or after `patch_model`), keeps bitsandbytes' 4-bit layers
+    on differentiable kernels (`keep_4bit_layers_differentiable`: call this before any eval-mode pass), and with
+    `gradient_checkpointing=True` turns on non-reentrant checkpointing without the embedding hook that would make
+    backward run through every layer (`enable_gradient_checkpointing`).
     Weights keep their dtype: unlike PEFT's `prepare_model_for_kbit_training` nothing is upcast to fp32
-    (measured in the module doc: it costs memory and does not make LoFiT's gradients more accurate).
+    (measured in benchmarks/README.md: it costs memory and does not make LoFiT's gradients more accurate).
+
+    Args:
+        model: a Hugging Face causal LM, quantized by bitsandbytes or not, patched by LoFiT already or not.
+        gradient_checkpointing: turn on non-reentrant activation checkpointing of every decoder layer.
+        gradient_checkpointing_kwargs: passed on to Transformers and `torch.utils.checkpoint` (see
+            `enable_gradient_checkpointing`); `use_reentrant=True` is refused.
     """
     # By module, not by name: inside a LofitModel, a PEFT model or a bank of load_adapters, LoFiT's parameters
     # are "wrapped_model.lofit.offset", "base_model.model.lofit.scale", "lofit_adapters.<name>.offset".
@@ -129,7 +117,11 @@ def prepare_kbit_training(model: nn.Module, gradient_checkpointing: bool = False
 def keep_4bit_layers_differentiable(model: nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel, which has no backward
     (autograd would only warn, and gradients through those layers would be wrong). ValueError if a layer
-    is repacked already: bitsandbytes' own unpacking does not give the original weight back."""
+    is repacked already: bitsandbytes' own unpacking does not give the original weight back.
+
+    On CPUs with AVX512-BF16, Linear4bit repacks its weight for a gemv kernel the first time it runs in eval mode
+    without grad (a DPO reference pass, an evaluation), and from then on multiplies with that kernel; so call
+    this before any eval-mode pass."""
     layers = linear4bit_layers(model)
     repacked = [name or type(layer).__name__ for name, layer in layers if is_repacked(layer)]
     if repacked:
@@ -137,12 +129,18 @@ def keep_4bit_layers_differentiable(model: nn.Module) -> None:
                                                    "lofit_fast.prepare_kbit_training(model) before running it in "
                                                    "eval mode"))
     for _, layer in layers:
-        layer.support_avx512bf16_for_cpu = False
+        keep_unpacked(layer)
 
 
 def enable_gradient_checkpointing(model: nn.Module, kwargs: Optional[dict] = None) -> None:
     """Non-reentrant activation checkpointing of every decoder layer, with the embeddings' output left
     as it is (not requiring grad), so backward stops at the lowest layer with trainable LoFiT heads.
+
+    Transformers' `gradient_checkpointing_enable` (and so Trainer's `gradient_checkpointing=True`) adds a hook
+    that makes the embeddings' output require grad, because reentrant checkpointing and PEFT need it; then every
+    layer's output requires grad and backward runs, and recomputes, every layer down to the embeddings. That hook
+    is removed here: non-reentrant checkpointing needs no input gradient, as the LoFiT parameters inside a
+    checkpointed layer make its output require grad (tests/test_quantized.py counts the recomputed layers).
 
     `kwargs` go to Transformers' `activation_checkpointing_enable` (`gradient_checkpointing_enable` in
     older versions) and on to `torch.utils.checkpoint`; `use_reentrant=True` is refused: reentrant

@@ -13,11 +13,9 @@ mixed precision, checkpoints and resume all come from Trainer (checkpoints hold 
 """
 
 import contextlib
-import json
 import math
 import os
-import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -29,13 +27,12 @@ from transformers.trainer_callback import PrinterCallback
 from .adapter import load_adapter_values
 from .bnb import compute_dtypes_4bit
 from .data import training_subset
-from .io import atomic_write_text
 from .losses import dpo_loss, sequence_logprobs
 from .patch import LofitHandle, attention_shape, handle_of, patch_model
 from .quantization import prepare_kbit_training
+from .ranking import LOCALIZERS, HeadRanking, random_ranking, resolve_k  # noqa: F401 (public names of this module)
 
 LOSSES = ("sft", "dpo")
-LOCALIZERS = ("lofit", "random", "probe")
 
 
 @dataclass
@@ -87,10 +84,12 @@ def paper_settings(task: Optional[str], model=None, paper_model: Optional[str] =
     """The paper's settings for `task` and the model: {"select": StepSettings, "k": int, "tune": StepSettings,
     "paper_model": str, "source": str} (copies, safe to edit).
 
-    model: a model or its config; the paper's model with the same architecture and shape (layers, query and
-        key/value heads, head_dim) gives the settings: Llama 2-7B, Llama 2-13B or Gemma-7B. Any other model
-        (or none) gets Llama 2-7B's.
-    paper_model: "llama-2-7b", "llama-2-13b" or "gemma-7b" to choose the set instead.
+    Args:
+        task: "clutrr", "mquake", "truthfulqa"; any other (or None) gets the model's MQuAKE settings.
+        model: a model or its config; the paper's model with the same architecture and shape (layers, query and
+            key/value heads, head_dim) gives the settings: Llama 2-7B, Llama 2-13B or Gemma-7B. Any other model
+            (or none) gets Llama 2-7B's.
+        paper_model: "llama-2-7b", "llama-2-13b" or "gemma-7b" to choose the set instead.
     `source` says which set was used and why; it is also each StepSettings' `source`, saved with the results.
     """
     if paper_model is None:
@@ -219,7 +218,7 @@ def _allow_quantized_training(model):
         model._hf_peft_config_loaded = previous
 
 
-def _training_arguments(output_dir: str, settings: StepSettings, overrides: Optional[dict]) -> TrainingArguments:
+def training_arguments(output_dir: str, settings: StepSettings, overrides: Optional[dict]) -> TrainingArguments:
     arguments = dict(
         output_dir=output_dir,
         learning_rate=settings.learning_rate,
@@ -242,7 +241,7 @@ def _training_arguments(output_dir: str, settings: StepSettings, overrides: Opti
 
 def _train(handle: LofitHandle, train_dataset, data_collator, loss: str, settings: StepSettings,
            output_dir: str, training_args: Optional[dict], resume_from_checkpoint=None):
-    arguments = _training_arguments(output_dir, settings, training_args)
+    arguments = training_arguments(output_dir, settings, training_args)
     _prepare_for_training(handle.model, arguments)  # before the DPO reference pass (see the function)
     trainer = LofitTrainer(
         model=handle.model,
@@ -320,69 +319,23 @@ def with_reference_logprobs(handle: LofitHandle, dataset, data_collator, batch_s
 # Step 1: head selection
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class HeadRanking:
-    """Every head of the model, most important first: `ranking[i] = (layer, head, score)`."""
-
-    ranking: list
-    num_layers: int
-    num_heads: int
-    localizer: str = "lofit"
-    settings: dict = field(default_factory=dict)
-
-    def top(self, k) -> list:
-        """The first K (layer, head) pairs; K is a count, or a fraction (0, 1) of all heads."""
-        return [(layer, head) for layer, head, _ in self.ranking[:resolve_k(k, len(self.ranking))]]
-
-    def save(self, path) -> None:
-        # allow_nan=False: strict JSON, which every reader accepts (a NaN score is refused here, not written).
-        text = json.dumps({"localizer": self.localizer, "num_layers": self.num_layers,
-                           "num_heads": self.num_heads, "settings": self.settings,
-                           "ranking": [[layer, head, score] for layer, head, score in self.ranking]}, indent=1,
-                          allow_nan=False)
-        atomic_write_text(path, text)
-
-    @classmethod
-    def load(cls, path) -> "HeadRanking":
-        try:
-            with open(path) as file:
-                data = json.load(file)
-            ranking = [(int(layer), int(head), None if score is None else float(score))
-                       for layer, head, score in data["ranking"]]
-            return cls(ranking=ranking, num_layers=int(data["num_layers"]), num_heads=int(data["num_heads"]),
-                       localizer=data.get("localizer", "lofit"), settings=data.get("settings", {}))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no head ranking at {path}; run `lofit select` (or select_heads) first") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path} is not a valid head ranking ({type(error).__name__}: {error}); "
-                             f"expected JSON with num_layers, num_heads and ranking [[layer, head, score], ...]") from None
-
-
-def resolve_k(k, total_heads: int) -> int:
-    """K as a count (int >= 1) or as a fraction of all heads (float in (0, 1))."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise TypeError(f"k must be a head count or a fraction of all heads, not {k!r}")
-    if isinstance(k, float) and 0 < k < 1:
-        return max(1, round(k * total_heads))
-    if k != int(k) or not 1 <= k <= total_heads:
-        raise ValueError(f"k={k!r}: give a count between 1 and {total_heads} or a fraction in (0, 1)")
-    return int(k)
-
-
-def random_ranking(model: nn.Module, seed: int = 0) -> HeadRanking:
-    """The paper's random-heads baseline: every head in a seeded random order, with no score."""
-    shape = attention_shape(model)
-    heads = [(layer, head) for layer in range(shape.num_layers) for head in range(shape.num_heads)]
-    random.Random(seed).shuffle(heads)
-    return HeadRanking([(layer, head, None) for layer, head in heads], shape.num_layers, shape.num_heads,
-                       localizer="random", settings={"seed": seed})
-
-
 def select_heads(model: nn.Module, train_dataset, data_collator, *, loss: str = "sft",
                  settings: Optional[StepSettings] = None, localizer: str = "lofit",
                  output_dir: str = "lofit_output/select", training_args: Optional[dict] = None,
                  backend: str = "auto") -> HeadRanking:
     """Step 1: rank every attention head of `model` for the task; saves `output_dir/ranking.json`.
+
+    Args:
+        model: a Hugging Face causal LM (plain or bitsandbytes); left as it was afterwards.
+        train_dataset, data_collator: tokenized rows (`data.tokenize_sft` / `tokenize_preference`) and their
+            collator (`data.SFTCollator` / `PreferenceCollator`).
+        loss: "sft" (loss on the answer tokens) or "dpo" (against the base model with LoFiT off, beta 0.5).
+        settings: learning rate, L1, epochs, batch, seed, train_size (default: the paper's for the model's
+            shape, `paper_settings(None, model=model)`).
+        localizer: "lofit", "random" or "probe" (below).
+        output_dir: where ranking.json (and Trainer's files) go.
+        training_args: overrides of transformers.TrainingArguments.
+        backend: "auto", "torch" or "triton" (see `lofit_fast.ops.head_affine`).
 
     localizer "lofit" trains a scale on every head (init Normal(0, init_std)) with loss
     task + l1_lambda * sum|A| and scores each head by ||A_lh||_2; "random" is the seeded baseline;
@@ -393,22 +346,19 @@ def select_heads(model: nn.Module, train_dataset, data_collator, *, loss: str = 
     """
     if localizer not in LOCALIZERS:
         raise ValueError(f"localizer={localizer!r} is not one of {LOCALIZERS}")
-    settings = settings or paper_settings(None)["select"]
+    settings = settings or paper_settings(None, model=model)["select"]
     if localizer != "random":
         train_dataset = training_subset(train_dataset, settings.train_size, settings.seed)
     if localizer == "random":
         ranking = random_ranking(model, settings.seed)
     elif localizer == "probe":
-        from .probing import probe_ranking  # imported here: probing imports HeadRanking from this module
-
+        from .probing import probe_ranking  # imported here: fitting probes needs none of this module
         ranking = probe_ranking(model, train_dataset, data_collator,
                                 batch_size=settings.per_device_train_batch_size, seed=settings.seed)
     else:
         handle = patch_model(model, heads=None, scale=True, offset=False, backend=backend)
         try:
-            torch.manual_seed(settings.seed)
-            with torch.no_grad():
-                handle.scale.normal_(0.0, settings.init_std)
+            handle.lofit.initialize(settings.init_std, settings.seed)
             _train(handle, train_dataset, data_collator, loss, settings, output_dir, training_args)
             scores = handle.scale.detach().float().norm(dim=-1).cpu().tolist()
         finally:
@@ -433,12 +383,22 @@ def tune(model: nn.Module, train_dataset, data_collator, *, heads: Sequence = No
          settings: Optional[StepSettings] = None, output_dir: str = "lofit_output/tune",
          training_args: Optional[dict] = None, backend: str = "auto",
          resume_from_checkpoint=None) -> LofitHandle:
-    """Step 2: learn offsets (init Normal(0, init_std), l1_lambda 0) on the top-K heads of `ranking`
-    (K a count or a fraction of all heads), or on explicit `heads`, from a seeded subset of `train_dataset`
-    when settings.train_size is set. Checkpoints (training_args save_strategy) hold the adapter and the
-    optimizer state; `resume_from_checkpoint` continues from one. Returns the patched model's handle;
-    `handle.save_pretrained(dir)` writes the adapter. If training fails, LoFiT is taken off the model again."""
-    settings = settings or paper_settings(None)["tune"]
+    """Step 2: learn offsets (init Normal(0, init_std), l1_lambda 0) on the top-K heads of a ranking, or on
+    explicit heads. Returns the patched model's handle (`handle.save_pretrained(dir)` writes the adapter); if
+    training fails, LoFiT is taken off the model again.
+
+    Args:
+        model, train_dataset, data_collator, loss, training_args, backend: as for `select_heads`.
+        heads: explicit (layer, head) pairs; or
+        ranking, k: the top K heads of a `HeadRanking` (K a count or a fraction of all heads; default: the
+            paper's K).
+        settings: learning rate, epochs, batch, seed, init_std, train_size (a seeded subset of train_dataset;
+            default: the paper's for the model's shape, `paper_settings(None, model=model)`).
+        output_dir: Trainer's directory; checkpoints (training_args save_strategy) hold the adapter and the
+            optimizer state.
+        resume_from_checkpoint: a checkpoint to continue from.
+    """
+    settings = settings or paper_settings(None, model=model)["tune"]
     if (heads is None) == (ranking is None):
         raise ValueError("give tune() either heads=[(layer, head), ...] or ranking= with k=")
     if ranking is not None:
@@ -446,13 +406,11 @@ def tune(model: nn.Module, train_dataset, data_collator, *, heads: Sequence = No
         if (ranking.num_layers, ranking.num_heads) != (shape.num_layers, shape.num_heads):
             raise ValueError(f"the ranking is for {ranking.num_layers} layers x {ranking.num_heads} heads, "
                              f"the model has {shape.num_layers} x {shape.num_heads}")
-        heads = ranking.top(k if k is not None else paper_settings(None)["k"])
+        heads = ranking.top(k if k is not None else paper_settings(None, model=model)["k"])
     train_dataset = training_subset(train_dataset, settings.train_size, settings.seed)
     handle = patch_model(model, heads=heads, scale=False, offset=True, backend=backend)
     try:
-        torch.manual_seed(settings.seed)
-        with torch.no_grad():
-            handle.offset.normal_(0.0, settings.init_std)
+        handle.lofit.initialize(settings.init_std, settings.seed)
         handle.method_settings = {"step": "tune", "loss": loss, "localizer": ranking.localizer if ranking else None,
                                   **asdict(settings)}
         _train(handle, train_dataset, data_collator, loss, settings, output_dir, training_args,

@@ -87,5 +87,5 @@ def pytest_report_header(config):
             versions.append(f"{package} (not installed)")
     native = "avx512bf16" if has_real_repacking_kernel() else "plain"
     kind = os.environ.get("LOFIT_TEST_CPU_KIND") or native
-    return [", ".join(versions),
-            f"device: {DEVICE}; bitsandbytes 4-bit CPU kind: {kind}" + ("" if kind == native else f" (emulated; this CPU is {native})")]
+    emulated = "" if kind == native else f" (emulated; this CPU is {native})"
+    return [", ".join(versions), f"device: {DEVICE}; bitsandbytes 4-bit CPU kind: {kind}{emulated}"]

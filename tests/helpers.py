@@ -78,7 +78,7 @@ def reference_hook_patch(
     assert params, "reference_hook_patch needs a scale, an offset or both"
 
     def make_hook(layer: int):
-        rows = [(row, head) for row, (l, head) in enumerate(heads) if l == layer]
+        rows = [(row, head) for row, (at, head) in enumerate(heads) if at == layer]
 
         def hook(module, args):
             z = args[0]

@@ -24,12 +24,13 @@ import warnings
 import pytest
 import safetensors.torch
 import torch
-from helpers import tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lofit_fast
 from lofit_fast.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from lofit_fast.patch import attach
+
+from helpers import tiny_model
 
 # Heads in several layers, out of order: row i of the tensors must stay with HEADS[i].
 HEADS = [(2, 5), (0, 1), (2, 0), (0, 4), (1, 3)]
@@ -221,6 +222,33 @@ def test_crash_mid_save_leaves_the_old_adapter(tmp_path, monkeypatch, target):
     assert leftovers(tmp_path) == []
     loaded = load_adapter(tiny_model("llama"), tmp_path, backend="torch")
     assert torch.equal(loaded.scale, old.scale)
+
+
+def test_crash_between_the_two_renames_is_detected_on_load(tmp_path, monkeypatch):
+    """New weights beside the old config (the config's rename never happened): same heads and shapes, so only the
+    shared save_id tells the two saves apart; loading must refuse rather than pair them."""
+    patched(tiny_model("llama"), seed=1).save_pretrained(tmp_path)
+    replace = os.replace
+    renames = []
+
+    def crash_on_the_config(source, target):
+        renames.append(os.path.basename(target))
+        if os.path.basename(target) == CONFIG_NAME:
+            raise OSError("power cut (simulated)")
+        replace(source, target)
+
+    monkeypatch.setattr(lofit_fast.io.os, "replace", crash_on_the_config)
+    with pytest.raises(OSError, match="simulated"):
+        patched(tiny_model("llama"), seed=2).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert renames == [WEIGHTS_NAME, CONFIG_NAME] and leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="different saves.*save the adapter again"):
+        load_adapter(tiny_model("llama"), tmp_path, backend="torch")
+    # An adapter saved before save_id existed (no id in either file) still loads.
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["save_id"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    assert load_adapter(tiny_model("llama"), tmp_path, backend="torch").heads == HEADS
 
 
 def test_unserialisable_method_settings_fail_before_anything_is_replaced(tmp_path):

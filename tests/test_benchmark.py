@@ -1,4 +1,5 @@
-"""The kernel benchmark: a quick smoke run on tiny shapes, its JSON, and the byte counts it divides by."""
+"""The kernel benchmark (lofit_fast/bench/kernels.py): a quick smoke run on tiny shapes, its JSON, and the byte counts
+it divides by (lofit_fast/bench/common.py)."""
 
 import datetime
 import json
@@ -7,7 +8,8 @@ import os
 import pytest
 import torch
 
-from lofit_fast import benchmark
+from lofit_fast.bench import common
+from lofit_fast.bench import kernels as kernel_benchmark
 from lofit_fast.ops import head_affine_reference
 
 REQUIRED_ROW_KEYS = ("impl", "mode", "shape", "ms", "gbps", "peak_mb")
@@ -36,10 +38,10 @@ def _check_result(result, expected_rows):
 
 def test_quick_run_writes_the_json_contract(tmp_path):
     argv = ["--quick", "--impl", "eager_hook,torch", "--output", str(tmp_path), "--device", "cpu", "--threads", "1"]
-    assert benchmark.main(argv) == 0
+    assert kernel_benchmark.main(argv) == 0
     name, result = _single_json(tmp_path)
     today = datetime.date.today().isoformat()
-    assert name == f"{benchmark.file_safe(result['device'])}-{today}.json"
+    assert name == f"{common.file_safe(result['device'])}-{today}.json"
     assert result["date"] == today
     # 2 impls x 3 modes x 1 shape x 1 token count x 2 values of K
     _check_result(result, 2 * 3 * 2)
@@ -53,7 +55,7 @@ def test_quick_torch_compile_row(tmp_path):
     path = tmp_path / "compile.json"
     argv = ["--quick", "--impl", "torch_compile", "--k", "2", "--mode", "full", "--output", str(path),
             "--device", "cpu", "--threads", "1"]
-    assert benchmark.main(argv) == 0
+    assert kernel_benchmark.main(argv) == 0
     with open(path) as handle:
         result = json.load(handle)
     _check_result(result, 1)
@@ -62,9 +64,9 @@ def test_quick_torch_compile_row(tmp_path):
 def test_cpu_target_on_a_tiny_layer(tmp_path, monkeypatch):
     """The --cpu-target protocol (rounds, overheads over o_proj, ratios) on an 8-head layer of 64 tokens."""
     for name, value in (("TARGET_HEADS", 8), ("TARGET_HEAD_DIM", 16), ("TARGET_BATCH", 2), ("TARGET_SEQ", 32)):
-        monkeypatch.setattr(benchmark, name, value)
+        monkeypatch.setattr(kernel_benchmark, name, value)
     path = tmp_path / "target.json"
-    assert benchmark.main(["--cpu-target", "--rounds", "2", "--threads", "1", "--output", str(path)]) == 0
+    assert kernel_benchmark.main(["--cpu-target", "--rounds", "2", "--threads", "1", "--output", str(path)]) == 0
     with open(path) as handle:
         result = json.load(handle)
     assert {row["mode"] for row in result["rows"]} == {"full_over_o_proj"}
@@ -90,7 +92,7 @@ def test_cpu_target_on_a_tiny_layer(tmp_path, monkeypatch):
     ("backward", 2, True, False, 2 * 640 + 320 + 2 * 64),      # scale only: read A, write dA
 ])
 def test_op_bytes_hand_values(mode, k, scale, offset, expected):
-    assert benchmark.op_bytes(mode, 10, 4, 8, k, 2, scale=scale, offset=offset) == expected
+    assert common.op_bytes(mode, 10, 4, 8, k, 2, scale=scale, offset=offset) == expected
 
 
 def test_eager_hook_baseline_computes_lofit():
@@ -104,17 +106,32 @@ def test_eager_hook_baseline_computes_lofit():
     for slot, head in enumerate(heads):
         scales[head], offsets[head] = scale[slot], offset[slot]
     expected = head_affine_reference(z, torch.tensor(heads), scale, offset)
-    torch.testing.assert_close(benchmark.eager_hook_transform(z, scales, offsets), expected)
+    torch.testing.assert_close(common.eager_hook_transform(z, scales, offsets), expected)
 
 
 def test_selected_heads_are_spread_and_distinct():
-    assert benchmark.selected_heads(32, 2) == [8, 24]
-    assert benchmark.selected_heads(16, 16) == list(range(16))
-    assert len(set(benchmark.selected_heads(40, 7))) == 7
+    assert common.selected_heads(32, 2) == [8, 24]
+    assert common.selected_heads(16, 16) == list(range(16))
+    assert len(set(common.selected_heads(40, 7))) == 7
 
 
 def test_output_path_and_file_safe_device_name():
-    assert benchmark.file_safe("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert benchmark.file_safe("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core-processor"
-    assert benchmark.output_path("out/r.json", "x", "2025-01-01") == "out/r.json"
-    assert benchmark.output_path("out", "AMD EPYC", "2025-01-01") == os.path.join("out", "amd-epyc-2025-01-01.json")
+    assert common.file_safe("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.file_safe("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core-processor"
+    assert common.output_path("out/r.json", "x", "2025-01-01") == "out/r.json"
+    assert common.output_path("out", "AMD EPYC", "2025-01-01") == os.path.join("out", "amd-epyc-2025-01-01.json")
+    assert common.output_path("out", "sm90", "2025-01-01", prefix="static-") == os.path.join(
+        "out", "static-sm90-2025-01-01.json")
+
+
+def test_interleaved_rounds_rotate_the_order_after_an_untimed_warm_up():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = common.interleaved_ms(calls, 2, torch.device("cpu"))
+    assert order == list("abc" "bca" "cab") and {name: len(values) for name, values in times.items()} == dict(
+        a=2, b=2, c=2)
+
+
+def test_aligned_table_aligns_text_left_and_numbers_right():
+    lines = common.aligned_table(("name", "ms"), [("a", "1.5"), ("long", "12")], left_columns=(0,))
+    assert lines == ["name   ms", "---------", "a     1.5", "long   12"]

@@ -1,4 +1,4 @@
-"""Smoke tests of the end-to-end benchmark (lofit_fast/benchmark_e2e.py): the --quick run on the CPU, the
+"""Smoke tests of the end-to-end benchmark (lofit_fast/bench/e2e.py): the --quick run on the CPU, the
 on-the-fly quantized model it builds, and the batch search."""
 
 import importlib.util
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lofit_fast import cli
-from lofit_fast.benchmark_e2e import build_quantized_model, largest_batch, llama_config, main, random_heads
+from lofit_fast.bench.common import random_heads
+from lofit_fast.bench.e2e import build_quantized_model, largest_batch, llama_config, main
 from lofit_fast.quantization import QuantizationInfo, quantization_info
 
 pytest.importorskip("bitsandbytes")
@@ -112,7 +113,7 @@ def test_largest_batch_search(limit, max_batch, expected):
 
 def test_every_impl_comes_off_cleanly():
     """The GPU run attaches each implementation twice (batch search, then measurement) to one model."""
-    from lofit_fast.benchmark_e2e import IMPLS, METHODS, attach
+    from lofit_fast.bench.e2e import IMPLS, METHODS, attach
 
     config = llama_config("llama2-7b", layers=2, width_divisor=8)
     model = build_quantized_model(config, "nf4", torch.device("cpu"), torch.float32)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from lofit_fast import benchmark_static, cli
-from lofit_fast.benchmark_static import CASES, predicted_fraction, resident_blocks, traffic
+from lofit_fast import cli
+from lofit_fast.bench import static as static_report
+from lofit_fast.bench.static import CASES, predicted_fraction, resident_blocks, traffic
 
 H100 = dict(multiprocessors=132, max_warps=64, max_blocks=32, registers=65536, shared_kib=228)
 
@@ -53,7 +54,7 @@ def test_training_cases_compile_to_what_the_kernels_promise(tmp_path):
     path = tmp_path / "static.json"
     argv = ["--target", "90", "--case", "step2s-forward,step2s-backward", "--shape", "llama2-7b", "--tokens", "4k",
             "--output", str(path)]
-    assert benchmark_static.main(argv) == 0
+    assert static_report.main(argv) == 0
     result = json.loads(path.read_text())
     assert result["target"] == "sm_90" and "not a measurement" in result["kind"]
     rows = result["rows"]

@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lofit_fast
-from helpers import QUANTIZABLE_CONFIG, save_tiny_model_and_tokenizer
 from lofit_fast.cli import main
-from lofit_fast.evaluation import generate_answers, is_correct, truthfulqa_mc_scores
 from lofit_fast.data import load_truthfulqa_mc
-from test_data import clutrr_row, mquake_row, truthfulqa_row, write_csv, write_json_list, write_json_lines
+from lofit_fast.evaluation import generate_answers, is_correct, truthfulqa_mc_scores
+
+from helpers import QUANTIZABLE_CONFIG, save_tiny_model_and_tokenizer
+from test_data import clutrr_row, mquake_row, truthfulqa_row, write_csv, write_json_lines, write_json_list
 
 TRAIN = ["--epochs", "1", "--batch-size", "4", "--backend", "torch"]
 # Heads of the hand-made adapter with large offsets, so that it visibly changes the model's output.

@@ -12,9 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import save_tiny_model_and_tokenizer
 from lofit_fast import compare, demo
 from lofit_fast.cli import main
+
+from bnb_cpu import CPU_KINDS, cpu_kind, is_repacked
+from helpers import QUANTIZABLE_CONFIG, save_tiny_model_and_tokenizer
 
 peft = pytest.importorskip("peft")
 
@@ -182,6 +184,18 @@ def test_transfer_matrix_covers_every_pair_of_tasks(quick):
     assert "task specificity" in printed and all(sentence in printed for sentence in transfer["verdicts"])
 
 
+def test_a_single_transfer_skill_leaves_the_transfer_test_out(quick, tmp_path, monkeypatch):
+    _, _, out, _ = quick
+    monkeypatch.setenv("LOFIT_CACHE", str(out.parent / "cache"))  # the quick run's cached base
+    monkeypatch.setattr(compare, "FAMILIES", ("lofit",))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = compare.run_demo_comparison(str(tmp_path), comparison=replace(
+            TINY, seeds=(0,), head_fractions=(0.25,), transfer_skills=("last",)))
+    assert results["transfer"] is None and "task specificity" not in printed.getvalue()
+    assert [(run["method"], run["task"]) for run in results["runs"]] == [("LoFiT top-2", "last")]
+
+
 def test_worker_processes_give_the_results_of_this_process(quick, tmp_path, monkeypatch):
     """A ranking and a run done by two spawned workers equal the same jobs done here (and the quick run's)."""
     results, _, _, _ = quick
@@ -254,28 +268,85 @@ def test_compare_on_a_user_model_through_the_command_line(user_files, capsys):
 
 
 def test_compare_on_model_leaves_the_model_as_it_was(user_files, tmp_path):
-    from lofit_fast.data import SFTCollator, load_task, tokenize_sft
-    from lofit_fast.training import paper_settings
-
     root, train, test = user_files
     model = AutoModelForCausalLM.from_pretrained(root / "model")
-    tokenizer = AutoTokenizer.from_pretrained(root / "model")
     before = {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
-    rows = [tokenize_sft(example, tokenizer, 64) for example in load_task("sft", str(train))]
-    settings = paper_settings("sft", model=model)
-    tune = replace(settings["tune"], num_train_epochs=1, per_device_train_batch_size=4)
-    with contextlib.redirect_stdout(io.StringIO()):
-        results = compare.compare_on_model(
-            model, tokenizer, rows, SFTCollator(tokenizer.pad_token_id), load_task("sft", str(test)), task="sft",
-            select_settings=replace(settings["select"], num_train_epochs=1, per_device_train_batch_size=4),
-            tune_settings=tune, head_counts=[1], seeds=(0,), families=("lofit-all", "lora-o_proj", "ia3"),
-            lora_ranks=(1,), lora_lr=1e-2, output_dir=str(tmp_path), backend="torch", max_new_tokens=2,
-            training_args={"disable_tqdm": True})
+    results = quiet_compare_on_model(model, AutoTokenizer.from_pretrained(root / "model"), train, test, tmp_path,
+                                     ("lofit-all", "lora-o_proj", "ia3"))
     assert [r["method"] for r in results["rows"]] == ["LoFiT, all heads", "LoRA o_proj r=1", "IA3"]
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
     for name, (value, requires_grad) in before.items():
         assert torch.equal(after[name].detach(), value) and after[name].requires_grad == requires_grad, name
+
+
+def quiet_compare_on_model(model, tokenizer, train, test, output_dir, families, **overrides):
+    """compare_on_model on the SFT files, one epoch of batch 4, seed 0, K = 1, nothing printed."""
+    from lofit_fast.data import SFTCollator, load_task, tokenize_sft
+    from lofit_fast.training import paper_settings
+
+    rows = [tokenize_sft(example, tokenizer, 64) for example in load_task("sft", str(train))]
+    settings = paper_settings("sft", model=model)
+    quick = dict(num_train_epochs=1, per_device_train_batch_size=4)
+    arguments = dict(task="sft", select_settings=replace(settings["select"], **quick),
+                     tune_settings=replace(settings["tune"], **quick), head_counts=[1], seeds=(0,),
+                     families=families, lora_ranks=(1,), lora_lr=1e-2, output_dir=str(output_dir), backend="torch",
+                     max_new_tokens=2, training_args={"disable_tqdm": True})
+    with contextlib.redirect_stdout(io.StringIO()):
+        return compare.compare_on_model(model, tokenizer, rows, SFTCollator(tokenizer.pad_token_id),
+                                        load_task("sft", str(test)), **{**arguments, **overrides})
+
+
+def test_a_row_peft_cannot_build_fails_before_any_training(user_files, tmp_path, monkeypatch):
+    root, train, test = user_files
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    model.config.model_type = "llama_of_my_own"  # PEFT knows no default IA3 targets for it; lofit_fast is told
+    from lofit_fast import patch
+
+    monkeypatch.setitem(patch.ARCHITECTURES, "llama_of_my_own", patch.ARCHITECTURES["llama"])
+    trained = []
+    monkeypatch.setattr(compare, "train_and_score", lambda *args: trained.append(args))
+    with pytest.raises(ValueError, match="no default IA3 targets for model_type 'llama_of_my_own'.*leave ia3 out"):
+        quiet_compare_on_model(model, AutoTokenizer.from_pretrained(root / "model"), train, test, tmp_path,
+                               ("lofit", "ia3"))
+    assert trained == []
+
+
+def test_finished_runs_are_kept_when_a_later_run_fails(user_files, tmp_path, monkeypatch):
+    root, train, test = user_files
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(compare, "_peft_run", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        quiet_compare_on_model(AutoModelForCausalLM.from_pretrained(root / "model"),
+                               AutoTokenizer.from_pretrained(root / "model"), train, test, tmp_path,
+                               ("lofit-all", "lora-o_proj"))
+    partial = json.loads((tmp_path / compare.PARTIAL_NAME).read_text())
+    assert partial["finished_runs"] == 1 and partial["of"] == 2
+    assert [run["method"] for run in partial["runs"]] == ["LoFiT, all heads"]
+    assert not (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_compare_on_a_4bit_model_on_either_kind_of_cpu(user_files, tmp_path, kind):
+    """Evaluations between the runs must not leave the 4-bit layers repacked for bitsandbytes' CPU inference
+    kernel (no backward), or the next run could not train through them."""
+    from transformers import BitsAndBytesConfig
+
+    root, train, test = user_files
+    save_tiny_model_and_tokenizer(tmp_path / "model", **QUANTIZABLE_CONFIG)
+    with cpu_kind(kind):
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "model", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+            dtype=torch.float32, device_map={"": "cpu"})
+        results = quiet_compare_on_model(model, AutoTokenizer.from_pretrained(tmp_path / "model"), train, test,
+                                         tmp_path / "out", ("lofit", "lora-o_proj"))
+    assert [r["method"] for r in results["rows"]] == ["LoFiT top-1", "LoRA o_proj r=1"]
+    assert not (tmp_path / "out" / compare.PARTIAL_NAME).exists()
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(is_repacked(layer) or layer.support_avx512bf16_for_cpu for layer in layers)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -11,11 +11,20 @@ import math
 import pytest
 import torch
 
-from helpers import tiny_model, tiny_tokenizer
 from lofit_fast import evaluation
-from lofit_fast.data import (TASKS, PreferenceCollator, SFTCollator, load_mquake, load_task, load_truthfulqa_mc,
-                             tokenize_preference, tokenize_sft)
+from lofit_fast.data import (
+    TASKS,
+    PreferenceCollator,
+    SFTCollator,
+    load_mquake,
+    load_task,
+    load_truthfulqa_mc,
+    tokenize_preference,
+    tokenize_sft,
+)
 from lofit_fast.evaluation import evaluate_generation, is_correct, truthfulqa_mc_scores
+
+from helpers import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -497,9 +506,10 @@ def test_truthfulqa_mc_scores_on_a_tiny_model_match_an_explicit_computation(toke
     prompt alone. (The primer is ~700 tiny-tokenizer tokens: positions up to 2048, so nothing is cut.)"""
     model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=2048)
     examples = [{"question": "Can pigs fly?", "prompt": "Q: Can pigs fly? A:", "best": "No.",
-                 "correct": ["No.", "No, pigs cannot fly."], "incorrect": ["Yes.", "Yes, pigs can fly.", "Pigs fly south."]},
-                {"question": "Is Rome in France?", "prompt": "Q: Is Rome in France? A:", "best": "No, Rome is in Italy.",
-                 "correct": ["No, Rome is in Italy."], "incorrect": ["Yes."]}]
+                 "correct": ["No.", "No, pigs cannot fly."],
+                 "incorrect": ["Yes.", "Yes, pigs can fly.", "Pigs fly south."]},
+                {"question": "Is Rome in France?", "prompt": "Q: Is Rome in France? A:",
+                 "best": "No, Rome is in Italy.", "correct": ["No, Rome is in Italy."], "incorrect": ["Yes."]}]
     primer_lines = ["Q: What is human life expectancy in the United States?",
                     "A: Human life expectancy in the United States is 78 years.", "",
                     "Q: Who was president of the United States in 1955?",

@@ -5,13 +5,20 @@ import json
 
 import pytest
 import torch
-from helpers import save_tiny_model_and_tokenizer, tiny_model, tiny_tokenizer
-from test_data import TRUTHFULQA_HEADER, truthfulqa_row, write_csv
 
 from lofit_fast.cli import main
-from lofit_fast.data import (chat_completion, chat_prompt, load_task, load_truthfulqa_mc, tokenize_preference,
-                             tokenize_sft)
-from lofit_fast.evaluation import answer_logprobs, generate_answers
+from lofit_fast.data import (
+    chat_completion,
+    chat_prompt,
+    load_task,
+    load_truthfulqa_mc,
+    tokenize_preference,
+    tokenize_sft,
+)
+from lofit_fast.evaluation import answer_logprobs, extract_answer, generate_answers, is_correct
+
+from helpers import save_tiny_model_and_tokenizer, tiny_model, tiny_tokenizer
+from test_data import TRUTHFULQA_HEADER, truthfulqa_row, write_csv
 
 datasets = pytest.importorskip("datasets")
 
@@ -74,23 +81,26 @@ def test_fields_rename_columns_and_are_checked(tmp_path):
 def test_a_hub_name_is_loaded_through_datasets(monkeypatch):
     calls = []
 
-    def load_dataset(name, split):
-        calls.append((name, split))
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
         return datasets.Dataset.from_list(ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     assert load_task("sft", "someone/qa-pairs", fields=FIELDS, split="validation") == EXPECTED
     assert load_task("sft", "qa_pairs", fields=FIELDS) == EXPECTED
-    assert calls == [("someone/qa-pairs", "validation"), ("qa_pairs", "train")]
+    # A dataset with several configs (the Hub's TruthfulQA: generation, multiple_choice) is NAME:CONFIG.
+    assert load_task("sft", "truthfulqa/truthful_qa:generation", fields=FIELDS, split="validation") == EXPECTED
+    assert calls == [("someone/qa-pairs", None, "validation"), ("qa_pairs", None, "train"),
+                     ("truthfulqa/truthful_qa", "generation", "validation")]
 
 
 def test_an_unreachable_hub_name_says_what_was_tried(monkeypatch):
-    def load_dataset(name, split):
+    def load_dataset(name, config, split):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(ValueError, match=r"no file or directory 'someone/qa'.*Hub dataset \(split 'train'\) failed: "
-                                         r"ConnectionError: offline"):
+    with pytest.raises(ValueError, match=r"no file or directory 'someone/qa'.*Hub dataset \(config None, split "
+                                         r"'train'\) failed: ConnectionError: offline. .*NAME:CONFIG"):
         load_task("sft", "someone/qa")
     with pytest.raises(FileNotFoundError, match="no data file at"):  # a file name is never sent to the Hub
         load_task("sft", "missing.jsonl")
@@ -164,6 +174,23 @@ def test_generation_and_scoring_use_the_template(chat_tokenizer):
     by_hand = sum(logps[t - 1, ids[t]].item() for t in range(start, len(ids)))
     assert answer_logprobs(model, chat_tokenizer, [(prompts[0], "No")], chat_template=True)[0] == \
         pytest.approx(by_hand, abs=1e-4)
+
+
+def test_a_reasoning_models_template_keeps_its_think_block_out_of_the_answer():
+    """Qwen3's template (the copy trl ships) writes an empty think block before the last assistant answer: with
+    thinking on it would land in the trained completion, and a generated think block in the scored answer."""
+    import importlib.resources
+
+    template = importlib.resources.files("trl") / "chat_templates" / "qwen3.jinja"
+    if not template.is_file():
+        pytest.skip("this trl release ships no chat_templates/qwen3.jinja")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template.read_text()
+    prompt = chat_prompt("Q: Can pigs fly? A:", tokenizer)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert chat_completion("Q: Can pigs fly? A:", "No", tokenizer) == "No<|im_end|>\n"
+    assert extract_answer("<think>\npigs are mammals\n</think>\n\nNo\nmore") == "no"
+    assert is_correct("<think></think>No", ["No"]) and not is_correct("<think>No</think>Yes", ["No"])
 
 
 def test_a_tokenizer_without_a_template_is_refused():

@@ -207,7 +207,8 @@ def test_demo_restores_torch_threads(cache, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 def scored_ranking(num_layers=3, num_heads=5) -> HeadRanking:
-    scores = {(layer, head): (layer * num_heads + head) / 10 for layer in range(num_layers) for head in range(num_heads)}
+    scores = {(layer, head): (layer * num_heads + head) / 10
+              for layer in range(num_layers) for head in range(num_heads)}
     order = sorted(scores, key=lambda head: -scores[head])
     return HeadRanking([(*head, scores[head]) for head in order], num_layers, num_heads)
 

@@ -10,8 +10,8 @@ linear in the gradient, so the only difference is the all-reduce's rounding (~1e
 """
 
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -138,8 +138,8 @@ def test_tune_with_trainer_on_two_processes_matches_one(two_processes, tmp_path)
     handle = tune(model, worker.training_rows(), worker.stack_rows, heads=worker.HEADS, settings=settings,
                   backend="torch", output_dir=str(tmp_path / "single"),
                   training_args={"disable_tqdm": True, "logging_strategy": "no"})
-    torch.manual_seed(settings.seed)
-    initial_offset = torch.zeros_like(handle.offset).normal_(0.0, settings.init_std)
+    initial_offset = (torch.randn(handle.offset.shape, generator=torch.Generator().manual_seed(settings.seed))
+                      * settings.init_std)
     assert max_difference(handle.offset.detach(), initial_offset) > MIN_MOVE
     assert torch.allclose(ranks[0]["offset"], handle.offset.detach(), rtol=0, atol=TOLERANCE), \
         f"2 processes vs 1 differ by {max_difference(ranks[0]['offset'], handle.offset.detach())}"

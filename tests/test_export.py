@@ -11,14 +11,15 @@ import warnings
 
 import pytest
 import torch
-from fresh_process import run_in_fresh_process
-from helpers import QUANTIZABLE_CONFIG, assert_same_greedy_run, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lofit_fast
 from lofit_fast.cli import main
 from lofit_fast.export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+
+from fresh_process import run_in_fresh_process
+from helpers import QUANTIZABLE_CONFIG, assert_same_greedy_run
 
 pytest.importorskip("peft")
 

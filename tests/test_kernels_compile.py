@@ -30,10 +30,10 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernel_variants import (DTYPES, HEAD_DIMS, LAYOUTS, SELECTIONS, SIZES, VARIANTS,  # noqa: E402
-                             launch, make_inputs)
 from lofit_fast.kernels import cross_compile  # noqa: E402
 from lofit_fast.ops import triton_interpreter_enabled  # noqa: E402
+
+from kernel_variants import DTYPES, HEAD_DIMS, LAYOUTS, SELECTIONS, SIZES, VARIANTS, launch, make_inputs  # noqa: E402
 
 REASON = cross_compile.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"cannot compile for CUDA targets without a GPU: {REASON}")

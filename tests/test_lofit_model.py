@@ -7,13 +7,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import decoder_o_projs, reference_hook_patch, tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
 import lofit_fast
 from lofit_fast import LofitConfig, LofitModel, get_lofit_model, patch_model
 from lofit_fast.adapter import CONFIG_NAME
 from lofit_fast.training import HeadRanking, random_ranking
+
+from helpers import reference_hook_patch, tiny_model
 
 HEADS = [(2, 5), (1, 0), (2, 0)]
 HEAD_DIM = 12
@@ -389,3 +390,15 @@ def test_a_lofit_model_whose_adapter_was_removed_says_so():
     with pytest.raises(RuntimeError, match="removed"):
         with model.disable_adapter():
             pass
+
+
+def test_a_seed_gives_the_same_start_through_every_api(monkeypatch):
+    """tune() (and select_heads) and get_lofit_model draw the initial vectors the same way: one seed, one start."""
+    from lofit_fast import training
+
+    monkeypatch.setattr(training, "_train", lambda *args, **kwargs: None)  # the start, before any step
+    settings = training.StepSettings(init_std=0.3, seed=7)
+    tuned = training.tune(tiny_model("llama"), [], None, heads=HEADS, settings=settings, backend="torch")
+    wrapped = get_lofit_model(tiny_model("llama"), LofitConfig(heads=HEADS, init_std=0.3, seed=7))
+    assert tuned.offset.abs().max() > 0.1
+    assert torch.equal(tuned.offset.detach(), wrapped.handle.offset.detach())

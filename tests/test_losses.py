@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_model
 from lofit_fast.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
+
+from helpers import tiny_model
 
 
 def test_dpo_loss_matches_hand_computation():

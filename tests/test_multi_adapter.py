@@ -15,16 +15,15 @@ Gradients: atol 1e-5 [<= 1e-6], token sums in another order.
 
 import copy
 import json
-import os
 
 import pytest
 import torch
-from helpers import tiny_model
 
 import lofit_fast
-from lofit_fast import benchmark_multi
 from lofit_fast.adapter import CONFIG_NAME, load_adapter
 from lofit_fast.multi import load_adapters
+
+from helpers import tiny_model
 
 ADAPTERS = {
     "both": ([(0, 1), (0, 4), (2, 5), (1, 0)], True, True),
@@ -338,29 +337,6 @@ def test_deepcopy_of_a_routed_model_uses_its_own_parameters_and_route(directorie
         copied.lofit_adapters["both"].offset.zero_()  # the original's parameters do not change
         with handle.route(NAMES):
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, atol=0, rtol=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark
-# ----------------------------------------------------------------------------------------------
-
-def test_benchmark_smoke_run_writes_json(tmp_path):
-    argv = ["--layers", "2", "--hidden", "64", "--heads", "4", "--intermediate", "96", "--vocab", "128",
-            "--batch", "4", "--seq", "8", "--new-tokens", "2", "--adapters", "2", "--kinds", "offset,scale+offset",
-            "--heads-per-adapter", "3", "--rounds", "1", "--device", "cpu", "--backend", "torch",
-            "--output", str(tmp_path)]
-    assert benchmark_multi.main(argv) == 0
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith("multi-adapter-") and files[0].endswith(".json")
-    result = json.loads((tmp_path / files[0]).read_text())
-    for key in ("device", "date", "dtype", "model", "rows"):
-        assert key in result
-    # 2 modes (prefill, generate) x 2 kinds x 1 adapter count x 2 strategies, and a base row per mode
-    assert len(result["rows"]) == 2 * 2 * 2 + 2
-    for row in result["rows"]:
-        assert row["mode"] in ("prefill", "generate") and row["strategy"] in ("mixed", "sequential", "base")
-        assert row["ms"] > 0 and row["tokens_per_s"] > 0 and len(row["round_ms"]) == 1
-    assert {row["kind"] for row in result["rows"] if row["strategy"] != "base"} == {"offset", "scale+offset"}
 
 
 # ----------------------------------------------------------------------------------------------

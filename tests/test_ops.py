@@ -15,10 +15,16 @@ import sys
 import pytest
 import torch
 
-from kernel_variants import VARIANTS, launch, make_inputs
 from lofit_fast import ops
-from lofit_fast.ops import (head_affine, head_affine_reference, head_affine_torch_backward, head_affine_torch_forward,
-                            resolve_backend)
+from lofit_fast.ops import (
+    head_affine,
+    head_affine_reference,
+    head_affine_torch_backward,
+    head_affine_torch_forward,
+    resolve_backend,
+)
+
+from kernel_variants import VARIANTS, launch, make_inputs
 
 BACKENDS = ["torch", "triton"]
 MODES = {"scale": (True, False), "offset": (False, True), "both": (True, True)}
@@ -383,18 +389,23 @@ def test_kernel_variant_matches_torch(variant, device, nan_filled_allocations):
                                        msg=lambda m: f"grad of {name}: {m}")
 
 
-# Forward and backward on z and g whose batch rows are 2^30 + 64 elements apart, so row 2 starts past element 2^31:
-# with int32 offsets it wraps to before the tensor. `big(n)` gives an fp16 tensor of n elements.
+# Forward and backward on z and g laid out so that offsets pass element 2^31: "rows": batch rows 2^30 + 64 elements
+# apart (row 2 starts past 2^31); "columns": channels 2^26 elements apart (channel 47 is past 2^31). With int32
+# offsets they wrap to before the tensor. `big(n)` gives an fp16 tensor of n elements; `layout` names the case.
 _FAR_ROWS = """
 import torch
 from lofit_fast.kernels.head_affine import KERNELS
 from lofit_fast.ops import head_affine_torch_backward, head_affine_torch_forward
 
-heads, head_dim, stride = 3, 16, 2**30 + 64
+heads, head_dim = 3, 16
 width = heads * head_dim
 index, scale, offset = torch.tensor([2, 0]), torch.randn(2, head_dim), torch.randn(2, head_dim)
-z, g = (big(2 * stride + width).as_strided((3, 1, width), (stride, width, 1)) for _ in range(2))
-z.copy_(torch.randn(3, 1, width)), g.copy_(torch.randn(3, 1, width))
+if layout == "rows":
+    size, shape, strides = 2 * (2**30 + 64) + width, (3, 1, width), (2**30 + 64, width, 1)
+else:
+    size, shape, strides = (width - 1) * 2**26 + 2, (2, 1, width), (1, 1, 2**26)
+z, g = (big(size).as_strided(shape, strides) for _ in range(2))
+z.copy_(torch.randn(shape)), g.copy_(torch.randn(shape))
 to_device = lambda t: t.to(z.device)
 index, scale, offset = to_device(index), to_device(scale), to_device(offset)
 out, z_selected = KERNELS.forward(z, index, scale, offset, True)
@@ -409,17 +420,19 @@ print("far rows ok")
 """
 
 
-def test_offsets_past_2_31_elements(device, tmp_path):
-    """A few tokens spread over 4 GiB: the kernels' offsets into z and g are int64. On the CPU the storage is a
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_offsets_past_2_31_elements(layout, device, tmp_path):
+    """A few tokens spread over 4-6 GiB: the kernels' offsets into z and g are int64. On the CPU the storage is a
     sparse file (address space, a few pages touched), and the run is a subprocess: a read before the tensor (the
-    int32 kernels did that) kills the process, not the test session. On a GPU, 8 GiB are allocated."""
+    int32 kernels did that) kills the process, not the test session. On a GPU, up to 13 GiB are allocated."""
     if device.type == "cuda":
-        if torch.cuda.mem_get_info(device)[0] < 12 * 2**30:
-            pytest.skip("needs 12 GiB of free GPU memory")
-        namespace = dict(big=lambda n: torch.empty(n, dtype=torch.float16, device=device))
+        if torch.cuda.mem_get_info(device)[0] < 16 * 2**30:
+            pytest.skip("needs 16 GiB of free GPU memory")
+        namespace = dict(big=lambda n: torch.empty(n, dtype=torch.float16, device=device), layout=layout)
         exec(_FAR_ROWS, namespace)
         return
     setup = (f"import os, torch\n"
+             f"layout = {layout!r}\n"
              f"def big(n):\n"
              f"    path = os.path.join({str(tmp_path)!r}, f'storage{{next(files)}}')\n"
              f"    with open(path, 'wb') as handle:\n"
@@ -567,6 +580,38 @@ def test_fp64_auto_falls_back_to_torch_and_triton_refuses(device):
 def test_neither_scale_nor_offset(device):
     with pytest.raises(ValueError, match="both are None"):
         head_affine(torch.randn(3, 16, device=device), torch.tensor([1], device=device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_index, scale_shape, channels, message", [
+    ([4], (1, 8), 32, r"heads in \[4, 4\], outside \[0, 4\)"),
+    ([-1], (1, 8), 32, r"outside \[0, 4\)"),
+    ([1, 1], (2, 8), 32, "names a head more than once"),
+    ([1, 2], (1, 8), 32, "1 head slots .* head_index 2 heads"),
+    ([1], (1, 8), 30, "not a whole number of heads"),
+    ([[1]], (1, 8), 32, "1-D int64"),
+], ids=["past the last head", "negative", "repeated", "K mismatch", "channels", "2-D index"])
+def test_bad_head_index_or_shapes_are_refused_before_any_kernel_runs(head_index, scale_shape, channels, message,
+                                                                     backend, device):
+    z = torch.randn(3, channels, device=device)
+    index = torch.tensor(head_index, device=device)
+    with pytest.raises(ValueError, match=message):
+        head_affine(z, index, torch.randn(scale_shape, device=device), backend=backend)
+
+
+def test_head_index_dtype_device_and_scale_offset_agreement(device):
+    z = torch.randn(3, 32, device=device)
+    with pytest.raises(ValueError, match="1-D int64"):
+        head_affine(z, torch.tensor([1.0], device=device), torch.randn(1, 8, device=device))
+    with pytest.raises(ValueError, match="1-D int64"):
+        head_affine(z, [1], torch.randn(1, 8, device=device))
+    with pytest.raises(ValueError, match="same"):
+        head_affine(z, torch.tensor([1], device=device), torch.randn(1, 8, device=device),
+                    torch.randn(1, 16, device=device))
+    # A validated index may skip the value check (the patched model's hooks do): shapes are still checked.
+    with pytest.raises(ValueError, match="not a whole number"):
+        head_affine(torch.randn(3, 30, device=device), torch.tensor([1], device=device),
+                    torch.randn(1, 8, device=device), check_head_index=False)
 
 
 # ----------------------------------------------------------------------------------------------

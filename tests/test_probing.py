@@ -13,12 +13,13 @@ import random
 import pytest
 import torch
 
-from helpers import save_tiny_model_and_tokenizer, tiny_model
 from lofit_fast import cli, training
 from lofit_fast.cli import main
 from lofit_fast.data import PreferenceCollator, SFTCollator
 from lofit_fast.probing import MIN_PAIRS, fit_probes, probe_ranking, sft_contrast_pairs
 from lofit_fast.training import HeadRanking, StepSettings, select_heads
+
+from helpers import save_tiny_model_and_tokenizer, tiny_model
 from test_data import clutrr_row, write_json_list
 
 KEYS = range(10, 30)

@@ -25,15 +25,20 @@ import warnings
 
 import pytest
 import torch
-from bnb_cpu import CPU_KINDS, cpu_kind, is_repacked
-from helpers import QUANTIZABLE_CONFIG, assert_same_greedy_run, reference_hook_patch, tiny_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lofit_fast
 from lofit_fast.adapter import load_adapter
-from lofit_fast.quantization import (QuantizationInfo, enable_gradient_checkpointing, prepare_kbit_training,
-                                     quantization_info)
+from lofit_fast.quantization import (
+    QuantizationInfo,
+    enable_gradient_checkpointing,
+    prepare_kbit_training,
+    quantization_info,
+)
 from lofit_fast.training import StepSettings, select_heads, tune
+
+from bnb_cpu import CPU_KINDS, cpu_kind, is_repacked
+from helpers import QUANTIZABLE_CONFIG, assert_same_greedy_run, reference_hook_patch, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # LLM.int8's "inputs will be cast to fp16"
@@ -212,7 +217,8 @@ def test_select_heads_and_tune_on_a_quantized_base(quantizable_base, name, devic
     settings = StepSettings(learning_rate=learning_rate, l1_lambda=1e-3, per_device_train_batch_size=4)
     ranking = select_heads(model, sft_rows(), collate, settings=settings, output_dir=str(tmp_path / "select"),
                            training_args=quiet, backend="torch")
-    assert sorted((layer, head) for layer, head, _ in ranking.ranking) == [(l, h) for l in range(3) for h in range(6)]
+    every_head = [(layer, head) for layer in range(3) for head in range(6)]
+    assert sorted((layer, head) for layer, head, _ in ranking.ranking) == every_head
     scores = [score for _, _, score in ranking.ranking]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
     assert not hasattr(model, "lofit")
@@ -221,8 +227,8 @@ def test_select_heads_and_tune_on_a_quantized_base(quantizable_base, name, devic
     handle = tune(model, sft_rows(), collate, ranking=ranking, k=4, settings=settings,
                   output_dir=str(tmp_path / "tune"), training_args={**quiet, "max_steps": 1}, backend="torch")
     assert handle.heads == ranking.top(4) and handle.scale is None and handle.offset.dtype == torch.float32
-    torch.manual_seed(settings.seed)
-    initial = torch.empty_like(handle.offset).normal_(0.0, settings.init_std)
+    generator = torch.Generator().manual_seed(settings.seed)
+    initial = torch.randn(handle.offset.shape, generator=generator) * settings.init_std
     # Adam's first step moves every entry by lr * g / (|g| + 1e-8): by lr, wherever the gradient reached.
     moved = (handle.offset.detach().cpu() - initial.cpu()).abs()
     # (Short of lr by lr * 1e-8 / |g|: 1e-2 allows |g| down to 1e-6, which a bf16 entry can get.)
@@ -551,8 +557,9 @@ def test_a_trainable_adapter_after_an_inference_call(quantizable_base, entry, cp
     requires_grad = {key: p.requires_grad for key, p in model.named_parameters()}
     repacking = {key: layer.support_avx512bf16_for_cpu for key, layer in linear4bit_modules(model).items()}
     if cpu == "avx512bf16":
-        with pytest.raises(ValueError, match=r"repacked the 4-bit weights of model\.layers\.1\.self_attn\.o_proj, .* and 7 more.*"
-                                             r"no backward.*trainable=False"):
+        # Backward needs layer 1's o_proj and MLP (its q, k, v run before o_proj) and all 7 of layer 2.
+        with pytest.raises(ValueError, match=r"repacked the 4-bit weights of model\.layers\.1\.self_attn\.o_proj, "
+                                             r".* and 7 more.*no backward.*trainable=False"):
             attach_trainable(entry, model, tmp_path)
         assert not hasattr(model, "lofit") and not hasattr(model, "lofit_adapters")
         assert {key: p.requires_grad for key, p in model.named_parameters()} == requires_grad
@@ -599,6 +606,19 @@ def test_an_adapter_for_inference_keeps_the_fast_kernel_and_refuses_to_train_thr
     else:
         model(IDS.to(device)).logits.float().square().mean().backward()
         assert handle.offset.grad is not None
+
+
+def test_prepare_kbit_training_while_an_adapter_is_attached_outlasts_the_adapter(quantizable_base, cpu, device):
+    """prepare_kbit_training switches repacking off for good; an adapter attached before it must not switch it
+    back on when it is removed (the model would then repack on its next evaluation and train wrongly after)."""
+    model = load_quantized(quantizable_base, "nf4-bf16-dq", device).eval()
+    handle = patched(model, "offset", heads=[(2, 1)])
+    lofit_fast.prepare_kbit_training(model)
+    handle.remove()
+    assert not any(layer.support_avx512bf16_for_cpu for layer in linear4bit_modules(model).values())
+    with torch.no_grad():
+        model(IDS.to(device))
+    assert not any(is_repacked(layer) for layer in linear4bit_modules(model).values())
 
 
 def test_the_hold_on_repacking_ends_with_the_adapter(quantizable_base, cpu, device):

@@ -11,11 +11,19 @@ import importlib
 
 import pytest
 import torch
+from test_ops import (
+    MODES,
+    PARAM_GRAD_TOL,
+    as_fp64,
+    assert_matches,
+    nan_filled_allocations,  # noqa: F401  (a fixture: pytest finds it in this module)
+    random_tensor,
+    run_and_compare,
+    saved_for_backward,
+    selected_columns,
+)
 
 from lofit_fast.ops import head_affine, head_affine_reference
-from test_ops import (MODES, PARAM_GRAD_TOL, as_fp64, assert_matches, random_tensor, run_and_compare,
-                      saved_for_backward, selected_columns)
-from test_ops import nan_filled_allocations  # noqa: F401  (a fixture: pytest finds it in this module)
 
 BACKENDS = ["torch", "triton"]
 NUM_ADAPTERS = 4  # the default adapter_index [2, -1, 0] leaves adapters 1 and 3 unused
@@ -186,7 +194,7 @@ def test_triton_backward_is_deterministic(device):
 @pytest.mark.parametrize("head_index, mode", [([1, 4], "scale"), ([1, 4], "offset"), ([1, 4], "both"),
                                               ([2, 0, 3, 4, 1], "both")], ids=["K=2-scale", "K=2-offset",
                                                                              "K=2-both", "K=all-both"])
-def test_launchers_write_every_element(head_index, mode, device, nan_filled_allocations, monkeypatch):
+def test_launchers_write_every_element(head_index, mode, device, nan_filled_allocations, monkeypatch):  # noqa: F811
     """NaN-filled allocations; rows of 70 tokens cut into backward chunks of 32 tokens, the last clipped at the
     row's end (token 70 is not a tile boundary). The launchers return sums per batch row, (B, K, D)."""
     launchers = nan_filled_allocations

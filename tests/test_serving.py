@@ -11,12 +11,13 @@ import warnings
 
 import pytest
 import torch
-from fresh_process import run_in_fresh_process
-from helpers import save_tiny_model_and_tokenizer, tiny_model, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
 import lofit_fast
 from lofit_fast.cli import main
+
+from fresh_process import run_in_fresh_process
+from helpers import save_tiny_model_and_tokenizer, tiny_model, tiny_tokenizer
 
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 HEADS = [(2, 5), (0, 1), (1, 3)]

@@ -9,8 +9,16 @@ import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig
 
 import lofit_fast
-from lofit_fast.training import (HeadRanking, StepSettings, paper_settings, random_ranking, resolve_k, select_heads,
-                                 tune, with_reference_logprobs)
+from lofit_fast.training import (
+    HeadRanking,
+    StepSettings,
+    paper_settings,
+    random_ranking,
+    resolve_k,
+    select_heads,
+    tune,
+    with_reference_logprobs,
+)
 
 QUIET = {"disable_tqdm": True, "logging_steps": 1000}
 PLANTED = [(1, 5), (2, 2)]
@@ -117,7 +125,8 @@ def test_random_localizer_is_seeded_and_covers_every_head(tmp_path):
     model = small_llama()
     first, again, other = random_ranking(model, 3), random_ranking(model, 3), random_ranking(model, 4)
     assert first.ranking == again.ranking and first.ranking != other.ranking
-    assert sorted((l, h) for l, h, _ in first.ranking) == [(l, h) for l in range(3) for h in range(8)]
+    assert sorted((layer, head) for layer, head, _ in first.ranking) == [(layer, head) for layer in range(3)
+                                                                        for head in range(8)]
     ranking = select_heads(model, None, None, localizer="random", output_dir=str(tmp_path),
                            settings=StepSettings(seed=3))
     assert ranking.ranking == first.ranking
@@ -184,8 +193,8 @@ def test_dpo_reference_is_the_base_model_and_training_moves_the_margin(tmp_path)
         margin = (sequence_logprobs(model(input_ids=batch["chosen_input_ids"]).logits, batch["chosen_labels"])
                   - sequence_logprobs(model(input_ids=batch["rejected_input_ids"]).logits, batch["rejected_labels"]))
         handle.remove()
-        base_margin = (base_chosen
-                       - sequence_logprobs(model(input_ids=batch["rejected_input_ids"]).logits, batch["rejected_labels"]))
+        base_rejected = sequence_logprobs(model(input_ids=batch["rejected_input_ids"]).logits, batch["rejected_labels"])
+        base_margin = base_chosen - base_rejected
     assert margin.mean() > base_margin.mean() + 0.1
 
 
@@ -283,6 +292,24 @@ def test_paper_settings_fall_back_to_llama_2_7b_and_can_be_chosen():
     assert generic["k"] == 48 and generic["select"].learning_rate == 1e-3 and "mquake" in generic["source"]
     with pytest.raises(ValueError, match="llama-2-13b"):
         paper_settings("clutrr", paper_model="llama-3")
+
+
+def test_select_and_tune_default_to_the_settings_of_the_models_shape(tmp_path, monkeypatch):
+    """Without settings, both steps take the paper's settings for the model's shape, not always Llama 2-7B's."""
+    from lofit_fast import training
+
+    monkeypatch.setitem(training.PAPER_MODEL_SHAPES, "gemma-7b", ("llama", 3, 8, 4, 8))  # small_llama's shape
+    model = small_llama()
+    rows, _ = planted_task(model, PLANTED, rows=4, planted="offset")
+    args = {**QUIET, "max_steps": 1}
+    ranking = select_heads(model, rows, stack_rows, output_dir=str(tmp_path / "select"), training_args=args,
+                           backend="torch")
+    assert ranking.settings["learning_rate"] == 5e-3 and ranking.settings["l1_lambda"] == 5e-4
+    assert "gemma-7b" in ranking.settings["source"]
+    handle = tune(model, rows, stack_rows, ranking=ranking, k=None, output_dir=str(tmp_path / "tune"),
+                  training_args=args, backend="torch")
+    assert len(handle.heads) == 16  # Gemma-7B's K (Llama 2-7B's, 32, is more than the model's 24 heads)
+    assert handle.method_settings["learning_rate"] == 8e-3 and "gemma-7b" in handle.method_settings["source"]
 
 
 def accumulation_run(tmp_path, batch_size, accumulation, rows):

@@ -4,11 +4,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import save_tiny_model_and_tokenizer
 from transformers import AutoModelForCausalLM
 
 import lofit_fast
 from lofit_fast import LofitConfig, get_lofit_model
+
+from helpers import save_tiny_model_and_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

@@ -4,48 +4,41 @@
     python benchmarks/bench_multi_adapter.py --device cuda --layers 32 --hidden 4096 --heads 32 \\
         --intermediate 11008 --vocab 32000 --batch 64 --seq 512 --new-tokens 64 # a Llama-2-7B shape on a GPU
 
-A Llama model is built from a config with random weights (no download: --layers, --hidden, --heads,
---intermediate, --vocab; head_dim = hidden / heads), in --dtype on --device. For every adapter kind
-(--kinds: "offset", offset-only adapters, whose layers fold the offsets into o_proj's output; "scale+offset",
-which run the routed head_affine kernel) and adapter count A (--adapters), A adapters of --heads-per-adapter
-random heads each (seeded, random non-zero values) are saved and loaded with `load_adapters`. A batch of
---batch rows of --seq random tokens gives row b to adapter b % A. Two ways to serve it:
-- mixed: one call on the whole batch, each row routed to its own adapter (`adapter_names=`);
-- sequential: A calls, one per adapter on that adapter's rows, each whole sub-batch routed to the one
-  adapter: what a server that cannot mix adapters in a batch does.
-Two workloads: prefill (a no-grad forward of the batch; tokens/s counts batch x seq) and generate (greedy,
-exactly --new-tokens new tokens per row with the KV cache; tokens/s counts batch x new tokens). A "base" row
-per workload times the model without adapters, for scale.
-
-Timing: each call is end-to-end (milliseconds to seconds, many kernels), so wall time synchronized on CUDA,
-on both devices: one warm-up round, then --rounds rounds, each timing mixed and sequential once in
-alternating order; the median is reported, and every round's time is kept (round_ms).
-
-Output: a table on stdout and `benchmarks/results/multi-adapter-<device>-<date>.json` (--output: a .json
-file or a folder): device, date, torch, dtype, threads, model (the shape), settings, and rows of
-{mode, kind, adapters, strategy, batch, seq, new_tokens, ms, tokens_per_s, round_ms, speedup (sequential ms /
-mixed ms, on mixed rows)}.
+Builds a Llama model with random weights, saves A random adapters of each kind (offset only, or scale and
+offset) and loads them with `load_adapters`; then serves one batch whose row b belongs to adapter b % A in two
+ways, mixed (one call, each row routed to its adapter) and sequential (one call per adapter), for prefill and
+greedy generation, with a base row (no adapter) for scale. A table on stdout and
+`benchmarks/results/multi-adapter-<device>-<date>.json`; workloads, timing and row keys: benchmarks/README.md.
 """
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
 import tempfile
-import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .benchmark import DTYPES, comma_list, device_name, file_safe, free_memory, progress, write_json
-from .benchmark_e2e import random_heads
-from .multi import load_adapters
-from .patch import patch_model
+from ..multi import load_adapters
+from ..patch import patch_model
+from .common import (
+    DTYPES,
+    add_run_arguments,
+    aligned_table,
+    comma_list,
+    free_memory,
+    interleaved_ms,
+    output_path,
+    pick_device,
+    progress,
+    random_heads,
+    run_header,
+    write_results,
+)
 
 KINDS = {"offset": dict(scale=False, offset=True), "scale+offset": dict(scale=True, offset=True)}
-DEFAULT_OUTPUT = os.path.join("benchmarks", "results")
 
 
 def build_model(layers: int, hidden: int, heads: int, intermediate: int, vocab: int, device, dtype) -> nn.Module:
@@ -77,27 +70,6 @@ def save_random_adapters(model: nn.Module, directory: str, count: int, kind: str
     return directories
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_ms(calls: dict[str, Callable], rounds: int, device) -> dict[str, list[float]]:
-    """Each call's wall time (ms) in each of `rounds` rounds, after one warm-up round; the order alternates
-    from round to round so that neither call always runs first."""
-    names = list(calls)
-    times = {name: [] for name in names}
-    for round_index in range(rounds + 1):
-        for name in names if round_index % 2 else names[::-1]:
-            _synchronize(device)
-            begin = time.perf_counter()
-            calls[name]()
-            _synchronize(device)
-            if round_index > 0:
-                times[name].append((time.perf_counter() - begin) * 1e3)
-    return times
-
-
 def workloads(runner, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> dict[str, Callable]:
     """mode -> a function of (rows, adapter_names or None) running that workload on those rows of the batch;
     `runner` is the handle (adapter_names given) or the bare model (None)."""
@@ -125,7 +97,20 @@ def _row(mode, kind, count, strategy, times, batch, seq, new_tokens) -> dict:
 
 def run_multi_adapter_benchmark(model: nn.Module, kinds: list, counts: list, batch: int, seq: int,
                                 new_tokens: int, heads_per_adapter: int, rounds: int, backend: str) -> list[dict]:
-    """The rows described in the module doc."""
+    """A row per (workload, strategy): the base model, then per adapter kind and count, mixed and sequential
+    (row keys: benchmarks/README.md).
+
+    Args:
+        model: the Llama model to serve (build_model), frozen, in eval mode.
+        kinds: adapter kinds, keys of KINDS ("offset", "scale+offset").
+        counts: adapter counts A; each needs a batch of at least A rows.
+        batch: rows in the batch; row b goes to adapter b % A.
+        seq: prompt tokens per row.
+        new_tokens: greedy tokens generated per row.
+        heads_per_adapter: random heads each adapter trains.
+        rounds: timed rounds after a warm-up round (the median is reported).
+        backend: of the routed head transform: "auto", "torch" or "triton".
+    """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=generator).to(device)
@@ -166,21 +151,18 @@ def run_multi_adapter_benchmark(model: nn.Module, kinds: list, counts: list, bat
 
 def format_table(rows: list[dict]) -> str:
     header = ("mode", "kind", "A", "strategy", "batch", "tokens", "ms", "tokens/s", "speedup")
-    table = [header] + [(
+    cells = [(
         row["mode"], row["kind"] or "-", str(row["adapters"]), row["strategy"], str(row["batch"]),
         str(row["seq"] if row["mode"] == "prefill" else row["new_tokens"]), f"{row['ms']:.1f}",
         f"{row['tokens_per_s']:.0f}", f"{row['speedup']:.2f}x" if "speedup" in row else "") for row in rows]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if column < 4 else cell.rjust(width)
-                       for column, (cell, width) in enumerate(zip(line, widths))) for line in table]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = aligned_table(header, cells, left_columns=(0, 1, 2, 3))
     return "\n".join(lines) + "\n(tokens: prompt tokens per row for prefill, new tokens per row for generate)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench_multi_adapter", description="One mixed-adapter batch against the adapters one after another "
-                                                "(see lofit_fast/benchmark_multi.py).")
+                                                "(see lofit_fast/bench/multi.py and benchmarks/README.md).")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8, help="attention heads (head_dim = hidden / heads)")
@@ -193,18 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kinds", type=comma_list(KINDS), default=list(KINDS), help=", ".join(KINDS))
     parser.add_argument("--heads-per-adapter", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up (median)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="model weights (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                         help="of the routed head transform (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="a .json file or a folder (default: %(default)s)")
+    add_run_arguments(parser)
     return parser
 
 
 def main(argv=None) -> int:
+    """Run the multi-adapter benchmark, print its table and write its JSON; 0 on success.
+
+    Args:
+        argv: the command line without the program name (default: sys.argv[1:]); `--help` lists the options:
+            --layers, --hidden, --heads, --intermediate, --vocab (the model's shape), --batch, --seq, --new-tokens,
+            --adapters, --kinds, --heads-per-adapter, --rounds, --dtype, --backend; --device, --threads, --output.
+    """
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -213,19 +200,14 @@ def main(argv=None) -> int:
     model = build_model(**shape, device=device, dtype=DTYPES[dtype_name])
     rows = run_multi_adapter_benchmark(model, args.kinds, args.adapters, args.batch, args.seq, args.new_tokens,
                                        args.heads_per_adapter, args.rounds, args.backend)
-    name = device_name(device)
-    date = datetime.date.today().isoformat()
-    result = dict(device=name, device_type=device.type, date=date, torch=torch.__version__, dtype=dtype_name,
-                  threads=torch.get_num_threads() if device.type == "cpu" else None, model=shape,
+    result = dict(**run_header(device), dtype=dtype_name, model=shape,
                   settings=dict(batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
                                 heads_per_adapter=args.heads_per_adapter, rounds=args.rounds, backend=args.backend),
                   rows=rows)
-    path = args.output if args.output.endswith(".json") else os.path.join(
-        args.output, f"multi-adapter-{file_safe(name)}-{date}.json")
-    print(f"device: {name}, {dtype_name}, model {shape}, heads per adapter {args.heads_per_adapter}")
+    path = output_path(args.output, result["device"], result["date"], prefix="multi-adapter-")
+    print(f"device: {result['device']}, {dtype_name}, model {shape}, heads per adapter {args.heads_per_adapter}")
     print(format_table(rows))
-    write_json(result, path)
-    print(f"results: {path}")
+    write_results(result, path)
     return 0
 
 

@@ -5,78 +5,44 @@
     python benchmarks/bench_e2e.py --models llama2-13b --quant nf4 --impl lofit_fast,floor
     python benchmarks/bench_e2e.py --quick                  # CPU smoke run (CI, seconds)
 
-Models are built from a config with random weights (std 0.02) and quantized on the fly, one linear layer
-at a time, straight onto the device: the model is created on the meta device, then every nn.Linear of
-every decoder layer becomes a bitsandbytes Linear4bit (NF4, double quant, bf16 compute) or Linear8bitLt
-(LLM.int8, threshold 6) whose weight is drawn on the device and quantized there; embeddings, norms and
-lm_head (unquantized, as Transformers leaves it) are drawn on the device in bf16. Host memory stays at a
-few hundred MB even for Llama-2-13B, whose bf16 weights alone are 26 GB.
-
-Each training step is forward + backward of the causal-LM loss on random token ids (batch x seq) plus an
-AdamW step of the trained parameters. Methods (`--method`), what LoFiT trains:
-- step1: the paper's head selection: scales on every head of every layer, L1 penalty 5e-4 on them. The scale
-  path of the kernels runs on every layer, and backward reaches layer 0.
-- step2: offsets on K heads (default 48, seeded random, as a ranking would spread them over the layers).
-  lofit_fast folds offset-only layers into o_proj's output, so no per-token kernel runs.
-- step2-scale: scales and offsets on the same K heads: the kernels run on the layers that hold them.
-Implementations (`--impl`):
-- floor: the frozen model, with the output of the lowest selected layer's o_proj made to require grad,
-  so that loss.backward() runs the model's backward from the loss down to that point and no further.
-  This is the least that any adapter at those heads can cost: the frozen model's own forward and its
-  backward down to the lowest selected layer.
-- lofit_fast: `patch_model` with the method's heads and parameters.
-- eager_hook: the paper's hook: a forward pre-hook on every o_proj that loops over *all* heads in Python,
-  each head with its own (A, v), cloning the slice, scaling, shifting and writing it back
-  (`lofit_fast.benchmark.eager_hook_transform`); the method's parameters are trained, the rest is frozen.
-- qlora: PEFT LoRA r=8 (alpha 16, dropout 0.05) on o_proj of every layer, on the same quantized base
-  (needs `pip install peft`; skipped with a note when it is missing and not asked for by name). The base
-  is not upcast (PEFT's prepare_model_for_kbit_training would upcast norms and embeddings to fp32 and
-  cost QLoRA more memory).
-
-GPU (CUDA): everything runs under a memory cap (`--cap-gb`, default 24: a consumer card), set with
-torch.cuda.set_per_process_memory_fraction. For each implementation the largest batch that fits under the
-cap is searched (doubling, then bisection, up to --max-batch); `fits_24gb` says whether batch 1 fits.
-Then every implementation is measured at one common batch (the smallest of those largest batches, or
---batch), so the ratios to the floor compare equal work, and again at its own largest batch:
-- peak_mb: torch.cuda.max_memory_allocated over one step (after a warm-up step), weights included;
-  step_mb: the same minus what was allocated before the step (activations, gradients, optimizer state).
-- ms, tokens_per_s: the median over --steps rounds; each round attaches every implementation in turn, in a
-  rotated order, runs --warmup untimed steps and times one (CUDA-synchronized wall time), so that a
-  slowdown of the machine meanwhile falls on all implementations alike. At each implementation's own
-  largest batch: the median of --steps consecutive steps.
-CPU: scaled-down shapes (--layers, default 2, same widths; --width-divisor narrows them; fp32, as bf16
-matmuls are emulated there), a fixed batch, the same interleaved timing, and as the memory figure
-saved_mb: the bytes autograd saves for backward during the forward (torch.autograd.graph.
-saved_tensors_hooks; storages counted once, parameters and buffers not at all). That is a proxy, not
-peak RSS: it leaves out transient buffers and the tensors that bitsandbytes' autograd functions keep on
-their context objects, which are the same for every implementation.
-
-Output: a table on stdout and `benchmarks/results/e2e-<device>-<date>.json` with one row per
-(method, impl, model, quant): method, impl, model, quant, dtype, layers, hidden, seq, k, lowest_layer, trained_params,
-batch, fits_at_batch, peak_mb, step_mb, saved_mb, ms, tokens_per_s, max_batch, fits_24gb,
-peak_mb_at_max_batch, tokens_per_s_at_max_batch, and the ratios to the floor's row peak_vs_floor,
-step_mb_vs_floor, saved_vs_floor, time_vs_floor (None where a figure does not apply to the device).
+Builds Llama-2-shaped models with random weights, quantized to NF4 or LLM.int8 one layer at a time on the
+device, and times training steps (forward, backward, AdamW) of each method (step1, step2, step2-scale) for each
+implementation: the frozen floor, lofit_fast, the paper's per-head hook and QLoRA. On GPU: peak memory and the
+largest batch under a 24 GB cap; on CPU: bytes saved for backward. A table on stdout and
+`benchmarks/results/e2e-<device>-<date>.json`; methods, timing, memory figures and row keys: benchmarks/README.md.
 """
 
 import argparse
 import contextlib
-import datetime
-import os
-import random
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .benchmark import (comma_list, device_name, eager_hook_transform, file_safe, free_memory, progress,
-                        write_json)
-from .patch import find_o_projs, patch_model
+from ..patch import find_o_projs, patch_model
+from .common import (
+    DTYPES,
+    add_run_arguments,
+    aligned_table,
+    comma_list,
+    cuda_peak_mb,
+    eager_hook_transform,
+    format_number,
+    free_memory,
+    output_path,
+    pick_device,
+    progress,
+    random_heads,
+    rotation,
+    run_header,
+    synchronize,
+    wall_ms,
+    write_results,
+)
 
-DEFAULT_OUTPUT = "benchmarks/results"
 IMPLS = ("floor", "lofit_fast", "eager_hook", "qlora")
 METHODS = ("step1", "step2", "step2-scale")
 STEP1_L1 = 5e-4  # the paper's step-1 l1_lambda for Llama-2-7B on TruthfulQA
@@ -110,7 +76,7 @@ def llama_config(name: str, layers: Optional[int] = None, width_divisor: int = 1
 
 def build_quantized_model(config, quant: str, device: torch.device, dtype=torch.bfloat16, seed: int = 0):
     """A LlamaForCausalLM with random weights whose decoder linears are bitsandbytes layers, built on the
-    meta device and materialized one tensor at a time on `device` (see the module doc). Frozen, train mode."""
+    meta device and materialized one tensor at a time on `device` (benchmarks/README.md). Frozen, train mode."""
     from transformers import AutoModelForCausalLM
 
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -178,12 +144,6 @@ class Attached:
     trained: list
     detach: Callable[[], None]
     penalty: Optional[Callable[[], torch.Tensor]] = None  # added to the loss (step 1's L1 term)
-
-
-def random_heads(num_layers: int, num_heads: int, k: int, seed: int = 0) -> list[tuple[int, int]]:
-    """K distinct (layer, head) pairs drawn at random (seeded) from the whole model."""
-    pairs = [(layer, head) for layer in range(num_layers) for head in range(num_heads)]
-    return sorted(random.Random(seed).sample(pairs, k))
 
 
 def method_heads(method: str, num_layers: int, num_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
@@ -297,38 +257,16 @@ def make_step(attached: Attached, batch: int, seq: int, vocab: int, device) -> C
     return step
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step_ms(step: Callable, device, warmup: int, steps: int) -> float:
     """Median wall time of `steps` steps after `warmup` steps (synchronized on CUDA)."""
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        _synchronize(device)
-        begin = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
-
-
-def cuda_peak_mb(step: Callable, device) -> tuple[float, float]:
-    """(peak MB allocated during one step, that peak minus what was allocated before the step)."""
-    free_memory(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    step()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return peak / 2**20, (peak - before) / 2**20
+    return statistics.median([wall_ms(step, device) for _ in range(steps)])
 
 
 def saved_for_backward_mb(attached: Attached, batch: int, seq: int, vocab: int, device) -> float:
-    """MB that autograd saves for backward during one forward (the CPU memory proxy; see the module doc)."""
+    """MB that autograd saves for backward during one forward: the CPU memory proxy (storages counted once,
+    parameters and buffers not at all; benchmarks/README.md says what it leaves out)."""
     model = attached.runner
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages = {}
@@ -351,7 +289,7 @@ def fits(step_factory: Callable[[int], Callable], batch: int, device) -> bool:
     out_of_memory = False
     try:
         step_factory(batch)()
-        _synchronize(device)
+        synchronize(device)
     except torch.cuda.OutOfMemoryError:
         out_of_memory = True  # leave the except block first, so the traceback's frames are freed
     free_memory(device)
@@ -379,9 +317,6 @@ def largest_batch(step_factory: Callable[[int], Callable], device, max_batch: in
 # Running one model
 # ----------------------------------------------------------------------------------------------
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 @dataclass
 class Settings:
     dtype: str  # of activations, unquantized weights and 4-bit compute
@@ -399,7 +334,15 @@ class Settings:
 
 
 def run_model(name: str, quant: str, impls: list, settings: Settings, device) -> list[dict]:
-    """Build one quantized model and measure every method and implementation on it; rows as in the module doc."""
+    """Build one quantized model and measure every method and implementation on it; a row per (method, impl).
+
+    Args:
+        name: a key of MODELS (llama2-7b, llama2-13b).
+        quant: "nf4" or "int8".
+        impls: implementations to measure, from IMPLS.
+        settings: dtype, sequence length, batch, steps, layers kept, methods... (see Settings).
+        device: where the model is built and run.
+    """
     config = llama_config(name, settings.layers, settings.width_divisor)
     progress(f"{name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) {quant}: building")
     model = build_quantized_model(config, quant, device, DTYPES[settings.dtype], settings.seed)
@@ -483,8 +426,7 @@ def interleaved_step_ms(impls: list, measure: Callable, factory: Callable, batch
     slowdown of the machine (other processes, clocks) over all impls alike."""
     times = {impl: [] for impl in impls}
     for round_index in range(settings.steps):
-        shift = round_index % max(1, len(impls))
-        for impl in impls[shift:] + impls[:shift]:
+        for impl in rotation(impls, round_index):
             times[impl].append(measure(impl, lambda a: step_ms(factory(a)(batch), device, settings.warmup, 1)))
     return {impl: statistics.median(values) for impl, values in times.items()}
 
@@ -512,27 +454,24 @@ def _compare_with_floor(rows: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def format_table(rows: list[dict], device_type: str) -> str:
-    def number(value, digits=4):
-        return "-" if value is None else f"{value:.{digits}g}"
-
+    """The rows as an aligned text table: GPU columns (peak memory, largest batch) or CPU ones (saved MB)."""
     if device_type == "cuda":
         header = ("method", "model", "quant", "impl", "K", "batch", "peak MB", "step MB", "ms", "tok/s", "x floor mem",
                   "x floor time", "max batch", "tok/s max", "fits 24GB")
-        cells = [(r["method"], r["model"], r["quant"], r["impl"], str(r["k"]), str(r["batch"]), number(r["peak_mb"], 5),
-                  number(r["step_mb"], 5), number(r["ms"]), number(r["tokens_per_s"]), number(r["peak_vs_floor"]),
-                  number(r["time_vs_floor"]), str(r.get("max_batch")), number(r.get("tokens_per_s_at_max_batch")),
-                  "yes" if r.get("fits_24gb") else "no") for r in rows]
+        cells = [(r["method"], r["model"], r["quant"], r["impl"], str(r["k"]), str(r["batch"]),
+                  format_number(r["peak_mb"], 5), format_number(r["step_mb"], 5), format_number(r["ms"]),
+                  format_number(r["tokens_per_s"]), format_number(r["peak_vs_floor"]),
+                  format_number(r["time_vs_floor"]), str(r.get("max_batch")),
+                  format_number(r.get("tokens_per_s_at_max_batch")), "yes" if r.get("fits_24gb") else "no")
+                 for r in rows]
     else:
         header = ("method", "model", "layers", "quant", "impl", "K", "batch", "seq", "saved MB*", "ms", "tok/s",
                   "x floor saved", "x floor time")
         cells = [(r["method"], r["model"], str(r["layers"]), r["quant"], r["impl"], str(r["k"]), str(r["batch"]),
-                  str(r["seq"]),
-                  number(r["saved_mb"]), number(r["ms"]), number(r["tokens_per_s"]), number(r["saved_vs_floor"]),
-                  number(r["time_vs_floor"])) for r in rows]
-    table = [header] + cells
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
-    lines.insert(1, "-" * len(lines[0]))
+                  str(r["seq"]), format_number(r["saved_mb"]), format_number(r["ms"]),
+                  format_number(r["tokens_per_s"]), format_number(r["saved_vs_floor"]),
+                  format_number(r["time_vs_floor"])) for r in rows]
+    lines = aligned_table(header, cells)
     if device_type != "cuda":
         lines.append("* saved for backward (saved_tensors_hooks): a memory proxy on the CPU, not peak RSS")
     return "\n".join(lines)
@@ -541,7 +480,7 @@ def format_table(rows: list[dict], device_type: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofit bench --e2e",
-        description="LoFiT training steps on quantized bases (see lofit_fast/benchmark_e2e.py).")
+        description="LoFiT training steps on quantized bases (see lofit_fast/bench/e2e.py and benchmarks/README.md).")
     parser.add_argument("--models", type=comma_list(tuple(MODELS)), help="llama2-7b,llama2-13b (default: both)")
     parser.add_argument("--quant", type=comma_list(QUANTS), help="nf4,int8 (default: both)")
     parser.add_argument("--method", type=comma_list(METHODS),
@@ -566,9 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-own-batch", action="store_true",
                         help="GPU: skip measuring each impl again at its own largest batch (saves time)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="a .json file or a folder (default: %(default)s)")
+    add_run_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 2 narrow layers (width / 8), seq 32, batch 2, one timed step, "
                              "1 CPU thread")
@@ -600,8 +537,16 @@ def _impls(named: Optional[list]) -> list:
 
 
 def main(argv=None) -> int:
+    """Run the end-to-end benchmark, print its table and write its JSON; 0 on success.
+
+    Args:
+        argv: the command line without the program name (default: sys.argv[1:]); `--help` lists the options:
+            --models, --quant, --method, --impl pick the rows; --k, --dtype, --seq, --batch, --max-batch, --cap-gb,
+            --layers, --width-divisor, --steps, --warmup, --seed, --no-own-batch shape the run; --device, --threads,
+            --output; --quick (a smoke run: 2 narrow layers, seq 32, batch 2, one timed step, 1 CPU thread).
+    """
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     on_gpu = device.type == "cuda"
     if args.threads or (args.quick and not on_gpu):
         torch.set_num_threads(args.threads or 1)  # quick: tiny ops, where waking threads costs more than work
@@ -612,20 +557,14 @@ def main(argv=None) -> int:
     for name in args.models or list(MODELS):
         for quant in args.quant or list(QUANTS):
             rows += run_model(name, quant, impls, settings, device)
-    name = device_name(device)
-    date = datetime.date.today().isoformat()
-    result = dict(device=name, device_type=device.type, date=date, torch=torch.__version__,
-                  bitsandbytes=_version("bitsandbytes"), transformers=_version("transformers"), peft=_version("peft"),
-                  threads=torch.get_num_threads() if not on_gpu else None, cap_gb=cap, quick=args.quick,
-                  settings=asdict(settings), rows=rows)
-    path = args.output if args.output.endswith(".json") else os.path.join(
-        args.output, f"e2e-{file_safe(name)}-{date}{'-quick' if args.quick else ''}.json")
-    print(f"device: {name}" + (f" (capped at {cap:g} GiB)" if cap else ""))
+    result = dict(**run_header(device), bitsandbytes=_version("bitsandbytes"), transformers=_version("transformers"),
+                  peft=_version("peft"), cap_gb=cap, quick=args.quick, settings=asdict(settings), rows=rows)
+    path = output_path(args.output, result["device"], result["date"], "-quick" if args.quick else "", prefix="e2e-")
+    print(f"device: {result['device']}" + (f" (capped at {cap:g} GiB)" if cap else ""))
     print(format_table(rows, device.type))
     if not on_gpu:
         print("GPU numbers (peak memory, the 24 GB cap, the real 7B / 13B shapes) are not measured by a CPU run.")
-    write_json(result, path)
-    print(f"results: {path}")
+    write_results(result, path)
     return 0
 
 

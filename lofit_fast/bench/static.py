@@ -6,34 +6,9 @@ and a bandwidth prediction from that. `lofit bench --static` and `benchmarks/ben
 
 Each case (a training-time launch of one kernel on one layer shape) goes through the real launchers with
 `lofit_fast.kernels.cross_compile.CrossCompiler` (nothing runs; no GPU needed), and every config that the
-autotuner's pruning keeps is compiled to a cubin. Per (case, config) the JSON row holds:
-- registers, stack_bytes / local_bytes / spills, shared_bytes: from `cuobjdump --dump-resource-usage`.
-- resident_blocks (per multiprocessor, and its limit: registers, warps, blocks or shared memory) and
-  resident_blocks_by_registers, from the architecture's per-multiprocessor limits.
-- stream_access_bits: the width of every global load and store on the z / grad streams (the source lines that
-  touch z, out, z_selected, grad_out, saved and grad_z), read from the SASS with the line info of `nvdisasm -g`
-  (`width_source` says "sass"; "ptx" when only the PTX could be read); min_stream_bits, the narrowest.
-- reductions / reductions_in_loops / conversions_in_loops: `tt.reduce` ops and layout conversions (round trips
-  through shared memory) in the TTGIR, in all and inside loops; barriers and shuffles: counts in the SASS.
-- round_trips: memory round trips per loop iteration (a stream load placed after a stream store waits for the
-  store's data to be loaded first: see `cross_compile.round_trips`).
-- bytes: what one call moves under the model below, min_bytes the fused design's floor
-  (`lofit_fast.benchmark.op_bytes`), and their ratio.
-- predicted_pct_of_copy: min_bytes / bytes x the share of copy bandwidth the kernel's concurrency sustains, a
-  PREDICTION from this model, not a measurement.
-
-The model. A kernel streams at the card's copy bandwidth when its resident programs keep enough reads going
-(Little's law). A program loads one tile of the streams it reads per loop iteration (its single tile in forward);
-an iteration takes one DRAM latency per round trip, plus REDUCTION_NS for each reduction and CONVERSION_NS for
-each layout conversion inside the loop, and a backward program adds REDUCTION_NS per reduction outside its loop.
-So a program reads tile bytes x iterations / its time, a multiprocessor that times its resident programs
-(registers, warps, shared memory; fewer in a last partial wave), and the kernel runs at the card's bandwidth
-scaled by min(1, that rate / the multiprocessor's share of the bandwidth for reads). Bytes are DRAM traffic: the
-streams, the saved slice, the parameters, and in backward the fp32 partial sums that the kernel writes and the
-host's sum reads back. Not modelled: L2 hits, DRAM page effects, instruction issue, clocks. Card figures:
-`CARDS`; the times: `LATENCY_NS`, `REDUCTION_NS`, `CONVERSION_NS` (assumptions).
-
-Output: a table on stdout and `benchmarks/results/static-sm<arch>-<date>.json` per target.
+autotuner's pruning keeps is compiled to a cubin, read (registers, spills, access widths, reductions, round
+trips) and fed to a bandwidth model: a PREDICTION, not a measurement. A table on stdout and
+`benchmarks/results/static-sm<arch>-<date>.json` per target; the row keys and the model: benchmarks/README.md.
 """
 
 import argparse
@@ -48,10 +23,21 @@ from typing import Optional
 
 import torch
 
-from .benchmark import SHAPES, _tokens, comma_list, op_bytes, progress, selected_heads, write_json
-from .ops import triton_interpreter_enabled
+from ..ops import triton_interpreter_enabled
+from .common import (
+    DEFAULT_OUTPUT,
+    DTYPES,
+    SHAPES,
+    aligned_table,
+    comma_list,
+    op_bytes,
+    output_path,
+    parse_tokens,
+    progress,
+    selected_heads,
+    write_results,
+)
 
-DEFAULT_OUTPUT = os.path.join("benchmarks", "results")
 # The card each architecture is predicted for, with its peak DRAM bandwidth from the vendor's data sheet (GB/s).
 CARDS = {80: ("A100 SXM4 80GB", 2039.0), 86: ("RTX A6000", 768.0), 89: ("RTX 4090", 1008.0),
          90: ("H100 SXM5", 3350.0)}
@@ -59,7 +45,6 @@ LATENCY_NS = 700.0  # DRAM latency under load assumed for every card
 REDUCTION_NS = 250.0  # a reduction across warps: shuffles, a shared-memory round trip, two barriers
 CONVERSION_NS = 100.0  # a layout conversion: a shared-memory round trip behind a barrier
 STREAM_POINTERS = ("z_ptr", "out_ptr", "z_selected_ptr", "grad_out_ptr", "saved_ptr", "grad_z_ptr")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -164,7 +149,7 @@ def loaded_per_iteration(case: Case, num_heads: int, head_dim: int, block_t: int
 def predicted_fraction(bytes_moved: int, minimum: int, read_share: float, loaded_per_iteration: float,
                        iterations: int, iteration_ns: float, program_overhead_ns: float, resident: int,
                        programs: int, multiprocessors: int, bandwidth_gbps: float) -> dict:
-    """The model of the module doc: the share of copy bandwidth, and its parts."""
+    """The bandwidth model (benchmarks/README.md, "The model"): the share of copy bandwidth, and its parts."""
     required = bandwidth_gbps * read_share / multiprocessors  # read bytes per ns that one multiprocessor must pull
     per_program = iterations * loaded_per_iteration / (iterations * iteration_ns + program_overhead_ns)
     waves = programs / (multiprocessors * resident)
@@ -195,7 +180,7 @@ def analyse(compiled, config, launch_programs: int, case: Case, shape: tuple, to
             arch: int, partial_rows: int, kernel_file: str, stream_lines: set,
             partial_columns: Optional[int] = None) -> dict:
     """One (case, config) row of the report from its CompiledKernel."""
-    from .kernels import cross_compile
+    from ..kernels import cross_compile
 
     num_heads, head_dim = shape
     cubin = compiled.asm["cubin"]
@@ -250,8 +235,16 @@ def _read_share(case: Case, num_heads: int) -> float:
 
 
 def run_case(case: Case, arch: int, shape_name: str, tokens: int, dtype: torch.dtype) -> list:
-    """Compile every kept config of one case for `arch`; one row per config."""
-    from .kernels import cross_compile, head_affine
+    """Compile every kept config of one case for `arch`; one row per config.
+
+    Args:
+        case: the launch, one of CASES.
+        arch: the compute capability, a key of `cross_compile.TARGETS` (80, 86, 89, 90).
+        shape_name: the layer shape, a key of SHAPES.
+        tokens: tokens in the batch.
+        dtype: of the activations.
+    """
+    from ..kernels import cross_compile, head_affine
 
     num_heads, head_dim = SHAPES[shape_name]
     with cross_compile.CrossCompiler(arch) as compiler:
@@ -305,21 +298,18 @@ def summary_rows(rows: list) -> list:
 def format_table(rows: list) -> str:
     header = ("case", "shape", "tokens", "configs", "regs", "spills", "stream bits", "loop reductions", "round trips",
               "bytes/min", "pred. %copy: fixed", "best", "worst", "best config")
-    table = [header]
+    cells = []
     for item in summary_rows(rows):
         fixed, best = item["fixed"], item["best"]
         low, high = item["registers"]
-        table.append((fixed["case"], fixed["shape"], str(fixed["tokens"]), str(item["configs"]),
+        cells.append((fixed["case"], fixed["shape"], str(fixed["tokens"]), str(item["configs"]),
                       f"{low}-{high}" if low != high else str(low), "yes" if item["any_spills"] else "no",
                       str(item["min_stream_bits"]), str(fixed["reductions_in_loops"]), str(fixed["round_trips"]),
                       f"{fixed['bytes'] / fixed['min_bytes']:.3f}", f"{fixed['predicted_pct_of_copy']:.0f}",
                       f"{best['predicted_pct_of_copy']:.0f}", f"{item['worst']['predicted_pct_of_copy']:.0f}",
                       f"T{best['block_t']} w{best['num_warps']}"))
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
-                       for column, (cell, width) in enumerate(zip(line, widths))) for line in table]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append("A static PREDICTION from compiled code and a bandwidth model (see lofit_fast/benchmark_static.py), "
+    lines = aligned_table(header, cells, left_columns=(0, 1))
+    lines.append("A static PREDICTION from compiled code and a bandwidth model (see benchmarks/README.md), "
                  "not a measurement.")
     return "\n".join(lines)
 
@@ -327,26 +317,33 @@ def format_table(rows: list) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lofit bench --static",
                                      description="Compile the kernels for a GPU target and predict their bandwidth "
-                                                 "(see lofit_fast/benchmark_static.py).")
+                                                 "(see lofit_fast/bench/static.py and benchmarks/README.md).")
     parser.add_argument("--target", type=comma_list(convert=int), default=[90],
                         help="compute capabilities, e.g. 90 or 80,90 (default: 90)")
     parser.add_argument("--case", type=comma_list(CASE_NAMES), help=f"{', '.join(CASE_NAMES)} (default: all)")
     parser.add_argument("--shape", type=comma_list(tuple(SHAPES)), help="default: llama2-7b,llama2-13b")
-    parser.add_argument("--tokens", type=comma_list(convert=_tokens), help="default: 4k,16k")
+    parser.add_argument("--tokens", type=comma_list(convert=parse_tokens), help="default: 4k,16k")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="a folder, or a .json file for one target")
     return parser
 
 
 def main(argv=None) -> int:
+    """Compile the cases for each target, print a summary table and write a JSON per target; 0 on success, 2 when
+    this machine cannot compile for a GPU target.
+
+    Args:
+        argv: the command line without the program name (default: sys.argv[1:]); `--help` lists the options:
+            --target (compute capabilities), --case, --shape, --tokens, --dtype, --output.
+    """
     args = build_parser().parse_args(argv)
     if triton_interpreter_enabled():
         # Triton's own @jit library was built for its interpreter in this process and cannot be compiled.
         progress("TRITON_INTERPRET=1: compiling in a fresh process without it")
         environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
-        return subprocess.run([sys.executable, "-m", "lofit_fast.benchmark_static", *argv], env=environment).returncode
-    from .kernels import cross_compile
+        return subprocess.run([sys.executable, "-m", "lofit_fast.bench.static", *argv], env=environment).returncode
+    from ..kernels import cross_compile
 
     reason = cross_compile.unavailable_reason()
     if reason is not None:
@@ -371,12 +368,10 @@ def main(argv=None) -> int:
                       conversion_ns=CONVERSION_NS,
                       multiprocessors=cross_compile.TARGETS[arch]["multiprocessors"], triton=triton.__version__,
                       torch=torch.__version__, cases=[asdict(case) for case in cases], rows=rows)
-        path = args.output if args.output.endswith(".json") else os.path.join(args.output,
-                                                                               f"static-sm{arch}-{date}.json")
+        path = output_path(args.output, f"sm{arch}", date, prefix="static-")
         print(f"sm_{arch} ({card}, {bandwidth:g} GB/s, {LATENCY_NS:g} ns assumed latency)")
         print(format_table(rows))
-        write_json(result, path)
-        print(f"results: {path}")
+        write_results(result, path)
     return 0
 
 
