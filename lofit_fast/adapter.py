@@ -206,7 +206,9 @@ def read_tensors(directory, config: AdapterConfig) -> dict[str, torch.Tensor]:
     except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); "
                          f"it may be truncated or corrupt: save the adapter again") from None
-    if config.save_id is not None and metadata.get("save_id") != config.save_id:
+    # Both ids present and different: a torn save (weights are renamed first, so the config is the older one).
+    # Weights without an id were not written by write_adapter; their contents are checked below as any others.
+    if None not in (config.save_id, metadata.get("save_id")) and metadata["save_id"] != config.save_id:
         raise ValueError(f"{path} and {CONFIG_NAME} beside it come from different saves (save_id "
                          f"{metadata.get('save_id')!r} vs {config.save_id!r}): a save into this directory was "
                          f"interrupted between writing the two files; save the adapter again")

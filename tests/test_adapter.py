@@ -71,11 +71,14 @@ def test_save_writes_peft_layout(tmp_path):
 
     assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]
     config = json.loads((directory / CONFIG_NAME).read_text())
+    save_id = config.pop("save_id")
     assert config == {
         "lofit_fast_version": lofit_fast.__version__, "architecture": "llama", "base_model_name_or_path": None,
         "num_layers": 3, "num_heads": 6, "head_dim": 12, "heads": [list(h) for h in HEADS],
         "scale": False, "offset": True, "method": handle.method_settings, "target_module": None,
     }
+    with safetensors.safe_open(directory / WEIGHTS_NAME, framework="pt") as file:
+        assert file.metadata() == {"format": "pt", "save_id": save_id} and len(save_id) == 32
     tensors = safetensors.torch.load_file(directory / WEIGHTS_NAME)
     assert list(tensors) == ["offset"]
     assert tensors["offset"].dtype == torch.float32 and tensors["offset"].is_contiguous()

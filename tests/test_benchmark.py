@@ -50,15 +50,16 @@ def test_quick_run_writes_the_json_contract(tmp_path):
 
 
 def test_quick_torch_compile_row(tmp_path):
-    """torch.compile of the torch path through Inductor's C++ backend: one case, one mode (compiling is
-    the slow part)."""
+    """torch.compile of the torch path through Inductor's C++ backend: one case (compiling is the slow part), the
+    modes that time a whole step and a backward alone (run again on one graph, which a backward that donates its
+    saved buffers refuses)."""
     path = tmp_path / "compile.json"
-    argv = ["--quick", "--impl", "torch_compile", "--k", "2", "--mode", "full", "--output", str(path),
+    argv = ["--quick", "--impl", "torch_compile", "--k", "2", "--mode", "full,backward", "--output", str(path),
             "--device", "cpu", "--threads", "1"]
     assert kernel_benchmark.main(argv) == 0
     with open(path) as handle:
         result = json.load(handle)
-    _check_result(result, 1)
+    _check_result(result, 2)
 
 
 def test_cpu_target_on_a_tiny_layer(tmp_path, monkeypatch):

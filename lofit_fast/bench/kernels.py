@@ -90,8 +90,16 @@ def build_transform(impl: str, num_heads: int, head_dim: int, k: int, params: st
         return (lambda z: head_affine(z, head_index, scale, offset, backend=impl)), trained
     if impl == "torch_compile":
         compiled = torch.compile(_torch_path, dynamic=False)
-        return (lambda z: compiled(z, head_index, scale, offset)), trained
+        return (lambda z: _without_donated_buffers(compiled, z, head_index, scale, offset)), trained
     raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
+
+
+def _without_donated_buffers(compiled: Callable, *args):
+    """Run `compiled` with its backward built keeping the tensors it saved: "backward" mode times one graph's
+    backward again and again (retain_graph=True), which a backward that donates its saved buffers refuses. The
+    other implementations keep theirs too, so the comparison is like for like."""
+    with torch._functorch.config.patch(donated_buffer=False):
+        return compiled(*args)
 
 
 def mode_function(mode: str, transform: Callable, z: torch.Tensor, trained: list, grad: torch.Tensor) -> Callable:
