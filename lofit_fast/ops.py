@@ -262,9 +262,10 @@ def _check_adapter_index_range(adapter_index, num_adapters):
 
 
 def _check_head_index_values(head_index, num_heads):
-    """ValueError unless head_index holds distinct heads in [0, num_heads): the kernels would write outside z
-    for a head out of range, and two slots of one head race. Free for a CPU index; one device sync otherwise
-    (skipped while a CUDA graph is captured)."""
+    """ValueError unless head_index holds distinct heads in [0, num_heads): otherwise the forward would silently
+    skip a head out of range (and use only one slot of a repeated head) while the backward without grad_z reads
+    that head's columns, outside g. Free for a CPU index; one device sync otherwise (skipped while a CUDA graph
+    is captured)."""
     if head_index.numel() == 0 or (head_index.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     values = head_index.tolist()
