@@ -20,7 +20,7 @@ import safetensors
 import torch
 from torch import nn
 
-from .io import write_config_and_weights
+from .io import check_finite, write_config_and_weights
 from .patch import AttentionShape, LofitHandle, attach, attention_shape, base_transformer
 from .version import __version__
 
@@ -179,7 +179,7 @@ def write_adapter(directory, config: AdapterConfig, tensors: dict[str, torch.Ten
     infinite values, in the tensors or in the config (strict JSON), are refused (ValueError) before anything is
     written.
     """
-    _check_finite(tensors, "the adapter's parameters hold", " (training diverged?); nothing was saved")
+    check_finite(tensors, "the adapter's parameters hold", " (training diverged?); nothing was saved")
     save_id = uuid.uuid4().hex
     try:
         write_config_and_weights(directory, CONFIG_NAME, {**asdict(config), "save_id": save_id}, WEIGHTS_NAME,
@@ -224,17 +224,8 @@ def read_tensors(directory, config: AdapterConfig) -> dict[str, torch.Tensor]:
                              f"({len(config.heads)} heads x head_dim {config.head_dim})")
         if not tensor.is_floating_point():
             raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
-    _check_finite(tensors, f"{path}: the tensors hold", "; the adapter was saved from a diverged run or is damaged")
+    check_finite(tensors, f"{path}: the tensors hold", "; the adapter was saved from a diverged run or is damaged")
     return tensors
-
-
-def _check_finite(tensors: dict[str, torch.Tensor], what: str, consequence: str) -> None:
-    """ValueError naming each tensor with NaN or infinite values, and how many."""
-    counts = {name: int((~torch.isfinite(tensor)).sum()) for name, tensor in tensors.items()}
-    bad = [f"{name!r}: {count} non-finite (NaN or inf) of {tensors[name].numel()}"
-           for name, count in counts.items() if count]
-    if bad:
-        raise ValueError(f"{what} NaN or infinite values ({'; '.join(bad)}){consequence}")
 
 
 def check_compatible(config: AdapterConfig, model: nn.Module, directory) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .bnb import weight_columns
-from .io import write_config_and_weights
+from .io import check_finite, write_config_and_weights
 from .merge import check_weight_readable
 from .version import __version__
 
@@ -81,7 +81,6 @@ def peft_lora_config(tensors: dict[str, torch.Tensor], base_model_name_or_path: 
 def write_peft_lora(directory, tensors: dict[str, torch.Tensor], base_model_name_or_path: Optional[str]) -> None:
     """Write a PEFT LoRA adapter (adapter_config.json and adapter_model.safetensors, atomically) of `tensors`."""
     config = peft_lora_config(tensors, base_model_name_or_path)
-    if any(not torch.isfinite(tensor).all() for tensor in tensors.values()):
-        raise ValueError("the adapter holds NaN or infinite values; there is nothing sound to export")
+    check_finite(tensors, "the adapter holds", "; there is nothing sound to export")
     write_config_and_weights(os.fspath(directory), PEFT_CONFIG_NAME, config, PEFT_WEIGHTS_NAME, tensors,
                              metadata={"format": "pt", "exported_by": f"lofit_fast {__version__}"})

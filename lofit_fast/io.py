@@ -33,6 +33,16 @@ def atomic_path(path):
         raise
 
 
+def check_finite(tensors: dict, what: str, consequence: str) -> None:
+    """ValueError naming each tensor of `tensors` with NaN or infinite values, and how many: f"{what} NaN or infinite
+    values (...){consequence}"."""
+    counts = {name: int((~tensor.isfinite()).sum()) for name, tensor in tensors.items()}
+    bad = [f"{name!r}: {count} non-finite (NaN or inf) of {tensors[name].numel()}"
+           for name, count in counts.items() if count]
+    if bad:
+        raise ValueError(f"{what} NaN or infinite values ({'; '.join(bad)}){consequence}")
+
+
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as file:

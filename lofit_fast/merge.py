@@ -30,7 +30,6 @@ class LayerFold:
     """What merging changes in one layer's o_proj."""
 
     o_proj: nn.Module
-    quantization: Optional[str]  # "4bit" / "8bit" for bitsandbytes weights
     columns: torch.Tensor  # the input features of the selected heads
     scale: Optional[torch.Tensor]  # (len(columns),) fp32, None when absent or all zero
     offset: Optional[torch.Tensor]  # (len(columns),) fp32, None when absent or all zero
@@ -49,7 +48,7 @@ def plan_layer(o_proj: nn.Module, layer: int, columns: torch.Tensor, scale: Opti
                          f"bitsandbytes weights, which cannot be rescaled column by column without quantizing "
                          f"again. Merge into an unquantized copy of the base model, or keep the adapter unmerged "
                          f"(load_adapter)")
-    return LayerFold(o_proj, quantization, columns, scale, offset)
+    return LayerFold(o_proj, columns, scale, offset)
 
 
 def check_weight_readable(o_proj: nn.Module, where: str, action: str) -> None:
@@ -64,15 +63,14 @@ def check_weight_readable(o_proj: nn.Module, where: str, action: str) -> None:
                          f"device first")
 
 
-def fold_layer(fold: LayerFold, bias_dtype: torch.dtype) -> Optional[nn.Parameter]:
+def fold_layer(fold: LayerFold, quantized_bias_dtype: torch.dtype) -> Optional[nn.Parameter]:
     """Fold one layer (under no_grad); returns the bias parameter if one had to be created."""
     o_proj, created = fold.o_proj, None
     columns = weight_columns(o_proj, fold.columns)  # unscaled W[:, sel], fp32
     if fold.offset is not None:
         shift = columns @ fold.offset
         if o_proj.bias is None:
-            dtype = o_proj.weight.dtype if o_proj.weight.is_floating_point() else bias_dtype
-            created = nn.Parameter(shift.to(dtype), requires_grad=False)
+            created = nn.Parameter(shift.to(new_bias_dtype(o_proj, quantized_bias_dtype)), requires_grad=False)
             o_proj.bias = created
         else:
             o_proj.bias.copy_((o_proj.bias.float() + shift.to(o_proj.bias.device)).to(o_proj.bias.dtype))
@@ -84,3 +82,9 @@ def fold_layer(fold: LayerFold, bias_dtype: torch.dtype) -> Optional[nn.Paramete
 def bias_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of a new bias beside a quantized weight: the model's first floating parameter's."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def new_bias_dtype(layer: nn.Module, quantized_bias_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a bias added to `layer`: its weight's, or `quantized_bias_dtype` (`bias_dtype(model)`) beside a
+    quantized weight."""
+    return layer.weight.dtype if layer.weight.is_floating_point() else quantized_bias_dtype

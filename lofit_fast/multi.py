@@ -27,13 +27,11 @@ from .patch import (
     LofitParameters,
     add_to_output,
     check_backend_runs,
-    detach,
     find_o_projs,
     first_parameter_device,
     folded_offset,
     folds_offsets,
-    freeze,
-    hold_4bit_repacking,
+    install,
     model_to_attach,
 )
 from .version import __version__
@@ -210,15 +208,8 @@ class MultiAdapterHandle:
         adapters = {name: _adapter_parameters(config, heads[name], tensors[name], device)
                     for name, config in configs.items()}
         bank = AdapterBank(adapters, heads, head_dim, device)
-        bank.requires_grad_(trainable)
-        # First, as it may refuse the model: nothing is changed before it.
-        self._repacking_hold, check = hold_4bit_repacking(model, bank.layers[0], bank, trainable)
-        self._requires_grad_before = freeze(model)
-        model.add_module(ADAPTERS_MODULE_NAME, bank)
-        self.bank = bank
-        self._hooks = [self._attach(o_projs[layer], layer) for layer in bank.layers]
-        if check is not None:
-            self._hooks.append(o_projs[bank.layers[0]].register_forward_pre_hook(check, prepend=True))
+        self.bank = bank  # before install: _attach reads it
+        self._installation = install(model, ADAPTERS_MODULE_NAME, bank, o_projs, self._attach, trainable)
 
     def _attach(self, o_proj: nn.Module, layer: int):
         if not self.bank.layer_has_scale[layer] and folds_offsets(o_proj):
@@ -326,9 +317,8 @@ class MultiAdapterHandle:
         """Take the adapters out of the model: hooks, parameters, and the requires_grad flags it changed.
         Returns the model."""
         self._live_bank()
-        detach(self.model, self._hooks, ADAPTERS_MODULE_NAME, self._requires_grad_before)
-        self._repacking_hold.release()
-        self._hooks, self.bank = [], None
+        self._installation.undo()
+        self._installation, self.bank = None, None
         return self.model
 
     def _live_bank(self) -> AdapterBank:

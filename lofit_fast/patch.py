@@ -21,7 +21,6 @@ from .merge import bias_dtype, fold_layer, plan_layer
 from .ops import BACKENDS, head_affine, resolve_backend
 from .serving import (
     ENGINES,
-    O_PROJ_BIAS_FROM_FLAG,
     add_zero_biases,
     attention_projections,
     check_transformers_builds_biases,
@@ -289,16 +288,9 @@ class LofitHandle:
         o_projs = find_o_projs(model, target_module)
         device = first_parameter_device(o_projs[0])
         lofit = LofitParameters(heads, shape.head_dim, scale, offset, device)
-        lofit.requires_grad_(trainable)
         lofit.handle_ref = weakref.ref(self)
-        # First, as it may refuse the model: nothing is changed before it.
-        self._repacking_hold, check = hold_4bit_repacking(model, lofit.layers[0], lofit, trainable)
-        self._requires_grad_before = freeze(model)
-        self.lofit = lofit
-        model.add_module(LOFIT_MODULE_NAME, self.lofit)
-        self._hooks = [self._attach(o_projs[layer], layer) for layer in self.lofit.layers]
-        if check is not None:
-            self._hooks.append(o_projs[lofit.layers[0]].register_forward_pre_hook(check, prepend=True))
+        self.lofit = lofit  # before install: _attach reads it
+        self._installation = install(model, LOFIT_MODULE_NAME, lofit, o_projs, self._attach, trainable)
 
     def _live(self) -> LofitParameters:
         """The LoFiT module, or RuntimeError once the handle was removed."""
@@ -378,26 +370,26 @@ class LofitHandle:
             for layer in lofit.layers:
                 head_index, scale, offset = lofit.layer_tensors(layer, first_parameter_device(o_projs[layer]))
                 folds.append(plan_layer(o_projs[layer], layer, head_columns(head_index, self.head_dim), scale, offset))
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
         bias_plan, missing_biases, llama_config = None, [], None
         if any(fold.offset is not None for fold in folds):
             bias_plan = plan_biases(model, engine)
             missing_biases = [layer for layer in (*o_projs, *attention_projections(model, o_projs))
                               if layer.bias is None]
-            if bias_plan.how == "flag" and (engine == "transformers"
-                                            or model.config.model_type in O_PROJ_BIAS_FROM_FLAG["transformers"]):
+            if bias_plan.check_transformers:
                 check_transformers_builds_biases(model, missing_biases)
             if bias_plan.how == "relabel":
                 llama_config = llama_config_of(model)
-        elif engine not in ENGINES:
-            raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+        quantized_bias_dtype = bias_dtype(model)
         with torch.no_grad():
-            created = [fold_layer(fold, bias_dtype(model)) for fold in folds]
+            created = [fold_layer(fold, quantized_bias_dtype) for fold in folds]
         self.remove()
         for fold, bias in zip(folds, created):
             if bias is not None:
                 bias.requires_grad_(fold.o_proj.weight.requires_grad)
         if bias_plan is not None:
-            add_zero_biases(missing_biases, bias_dtype(model))
+            add_zero_biases(missing_biases, quantized_bias_dtype)
             if bias_plan.how == "flag":
                 model.config.attention_bias = True
             else:
@@ -410,9 +402,8 @@ class LofitHandle:
         """Take LoFiT out of the model: hooks, parameters, and the requires_grad flags it changed.
         Returns the model."""
         self._live()
-        detach(self.model, self._hooks, LOFIT_MODULE_NAME, self._requires_grad_before)
-        self._repacking_hold.release()
-        self._hooks, self.lofit = [], None
+        self._installation.undo()
+        self._installation, self.lofit = None, None
         return self.model
 
     def __repr__(self):
@@ -437,21 +428,43 @@ def handle_of(model: nn.Module) -> LofitHandle:
     return handle
 
 
-def freeze(model: nn.Module) -> dict[str, bool]:
-    """Stop every parameter of `model` from requiring grad; returns the flags they had, for `detach`."""
+@dataclass
+class Installation:
+    """What `install` changed in a model, and `undo()` to change it back."""
+
+    model: nn.Module
+    module_name: str
+    hooks: list
+    requires_grad_before: dict  # every base parameter's flag before the base was frozen
+    repacking_hold: Repacking4bitHold
+
+    def undo(self) -> None:
+        """Remove the hooks and the parameter module, give the remaining parameters their flags back, and end the
+        hold on 4-bit repacking."""
+        for hook in self.hooks:
+            hook.remove()
+        delattr(self.model, self.module_name)
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(self.requires_grad_before.get(name, parameter.requires_grad))
+        self.repacking_hold.release()
+
+
+def install(model: nn.Module, module_name: str, parameters: nn.Module, o_projs: list, attach_layer,
+            trainable: bool) -> Installation:
+    """Put `parameters` (a module whose `.layers` lists its layers, lowest first) into `model` as `module_name`,
+    trainable or not, with the base frozen and `attach_layer(o_proj, layer)` hooking each of its layers (it
+    returns the hook's handle). The hold on 4-bit repacking comes first, as it may refuse the model: nothing is
+    changed before it."""
+    parameters.requires_grad_(trainable)
+    hold, check = hold_4bit_repacking(model, parameters.layers[0], parameters, trainable)
     requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return requires_grad_before
-
-
-def detach(model: nn.Module, hooks, module_name: str, requires_grad_before: dict[str, bool]) -> None:
-    """Undo a patch: remove its hooks and its parameter module, give the remaining parameters their flags back."""
-    for hook in hooks:
-        hook.remove()
-    delattr(model, module_name)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(requires_grad_before.get(name, parameter.requires_grad))
+    model.add_module(module_name, parameters)
+    hooks = [attach_layer(o_projs[layer], layer) for layer in parameters.layers]
+    if check is not None:
+        hooks.append(o_projs[parameters.layers[0]].register_forward_pre_hook(check, prepend=True))
+    return Installation(model, module_name, hooks, requires_grad_before, hold)
 
 
 def folded_offset(o_proj: nn.Module, head_index: torch.Tensor, offset: torch.Tensor, head_dim: int,

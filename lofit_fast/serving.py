@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .merge import new_bias_dtype
+
 ENGINES = ("transformers", "vllm", "sglang")
 
 # model_type -> whether the engine builds o_proj's bias from `attention_bias`, read in:
@@ -65,6 +67,8 @@ class BiasPlan:
     engine: str
     how: str
     note: Optional[str] = None  # what the user should know (e.g. that another engine would drop the biases)
+    # Whether transformers builds these biases from the flag too, so that building the model checks the plan.
+    check_transformers: bool = False
 
 
 def relabel_obstacle(config) -> Optional[str]:
@@ -89,19 +93,17 @@ def relabel_obstacle(config) -> Optional[str]:
 
 def plan_biases(model: nn.Module, engine: str) -> BiasPlan:
     """How `model`, once merged with offsets, keeps its o_proj biases in `engine`; ValueError naming the reason
-    and the alternatives when it cannot."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+    and the alternatives when it cannot. `engine` is one of ENGINES (the caller checks)."""
     model_type = model.config.model_type
     if model_type not in RULED_MODEL_TYPES:
         if engine == "transformers" and getattr(model.config, "attention_bias", None) is not None:
-            return BiasPlan(engine, "flag")  # checked by building the model (check_transformers_builds_biases)
+            return BiasPlan(engine, "flag", check_transformers=True)  # check_transformers_builds_biases
         raise ValueError(f"no rule is written down for how {engine} builds {model_type}'s o_proj, so the merged "
                          f"offsets might be dropped: ship the adapter unmerged (load_adapter), or export it with "
                          f"export_peft_lora")
     in_engine = model_type in O_PROJ_BIAS_FROM_FLAG[engine]
     if in_engine and model_type in O_PROJ_BIAS_FROM_FLAG["transformers"]:
-        return BiasPlan(engine, "flag")
+        return BiasPlan(engine, "flag", check_transformers=True)
     obstacle = relabel_obstacle(model.config)
     quantized = getattr(model, "is_quantized", False)
     if obstacle is None and not quantized:
@@ -133,8 +135,7 @@ def add_zero_biases(layers: list[nn.Linear], dtype: torch.dtype) -> None:
     """A zero bias on each layer that has none (`dtype` beside a quantized weight)."""
     for layer in layers:
         if layer.bias is None:
-            bias_dtype = layer.weight.dtype if layer.weight.is_floating_point() else dtype
-            zeros = torch.zeros(layer.out_features, dtype=bias_dtype, device=layer.weight.device)
+            zeros = torch.zeros(layer.out_features, dtype=new_bias_dtype(layer, dtype), device=layer.weight.device)
             layer.bias = nn.Parameter(zeros, requires_grad=layer.weight.requires_grad)
 
 
