@@ -274,14 +274,19 @@ class MemoryAccess:
     line: int
 
 
-def memory_accesses(cubin: bytes) -> list:
-    """Every global load (LDG) and store (STG) of the SASS with its width and source line (nvdisasm -g)."""
+def disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin with source lines (nvdisasm -g -c), which `memory_accesses` and `sass_counts` read.
+    RuntimeError when nvdisasm is missing."""
     tool = _tool("nvdisasm")
     if tool is None:
         raise RuntimeError("no nvdisasm in the triton wheel or on PATH")
-    text = _with_file(cubin, ".cubin", [tool, "-g", "-c"])
+    return _with_file(cubin, ".cubin", [tool, "-g", "-c"])
+
+
+def memory_accesses(sass: str) -> list:
+    """Every global load (LDG) and store (STG) of the SASS (`disassemble`) with its width and source line."""
     accesses, file, line = [], "", 0
-    for row in text.splitlines():
+    for row in sass.splitlines():
         location = re.search(r'//## File "([^"]+)", line (\d+)', row)
         if location:
             file, line = os.path.basename(location.group(1)), int(location.group(2))
@@ -295,12 +300,10 @@ def memory_accesses(cubin: bytes) -> list:
     return accesses
 
 
-def sass_counts(cubin: bytes, opcodes=("BAR.SYNC", "SHFL", "STS", "LDS")) -> dict:
-    """How many of each opcode (prefix) the SASS holds: barriers, shuffles, shared-memory traffic."""
-    tool = _tool("nvdisasm")
-    text = _with_file(cubin, ".cubin", [tool, "-c"])
+def sass_counts(sass: str, opcodes=("BAR.SYNC", "SHFL", "STS", "LDS")) -> dict:
+    """How many of each opcode (prefix) the SASS (`disassemble`) holds: barriers, shuffles, shared-memory traffic."""
     counts = dict.fromkeys(opcodes, 0)
-    for row in text.splitlines():
+    for row in sass.splitlines():
         instruction = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", row)
         if instruction:
             for opcode in opcodes:

@@ -428,7 +428,7 @@ class HeadAffineKernels:
         return out, z_selected
 
     def backward(self, grad_out, saved, head_index, scale, head_dim,
-                 need_grad_z, need_grad_scale, need_grad_offset, adapter_index=None, num_adapters=None):
+                 need_grad_z, need_grad_scale, need_grad_offset, adapter_index=None):
         """Returns (grad_z or None, grad_scale or None, grad_offset or None).
 
         `saved` is z itself when every head is selected, else z_selected from the forward (slot order).
@@ -437,8 +437,7 @@ class HeadAffineKernels:
         hands grad_out on as it is) or when it is not needed (z of the lowest patched layer).
 
         With `adapter_index` (B,), grad_scale / grad_offset are the sums per batch row, (B, K, head_dim), which
-        `lofit_fast.ops` reduces to the adapters; `num_adapters` (default: scale's first dimension) bounds the
-        adapter indices read.
+        `lofit_fast.ops` reduces to the adapters; scale's first dimension bounds the adapter indices read.
         """
         num_heads = grad_out.shape[-1] // head_dim
         num_selected = head_index.numel()
@@ -469,8 +468,7 @@ class HeadAffineKernels:
                                                  self._multiprocessors(grad_out.device))
         chunks_per_row = max(1, triton.cdiv(tokens_per_row, tokens_per_program))
         programs = num_rows * chunks_per_row
-        if num_adapters is None:
-            num_adapters = scale.shape[0] if routed and scale is not None else 0
+        num_adapters = scale.shape[0] if routed and scale is not None else 0
 
         grad_z = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) if write_grad_z else None
         partial_shape = (programs, num_columns, head_dim)
@@ -525,7 +523,7 @@ def head_affine_forward(z, head_index, scale, offset, save_selected, adapter_ind
 
 
 def head_affine_backward(grad_out, saved, head_index, scale, head_dim,
-                         need_grad_z, need_grad_scale, need_grad_offset, adapter_index=None, num_adapters=None):
+                         need_grad_z, need_grad_scale, need_grad_offset, adapter_index=None):
     """`HeadAffineKernels.backward` of this process's kernels."""
     return KERNELS.backward(grad_out, saved, head_index, scale, head_dim, need_grad_z, need_grad_scale,
-                             need_grad_offset, adapter_index, num_adapters)
+                             need_grad_offset, adapter_index)

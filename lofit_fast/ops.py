@@ -245,14 +245,17 @@ def _kernels():
 # Registered op
 # ----------------------------------------------------------------------------------------------
 
+def _values_unreadable(index: Tensor) -> bool:
+    """Whether an index's values need not (empty) or may not (a CUDA graph is being captured: no sync) be read."""
+    return index.numel() == 0 or (index.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _check_adapter_index_range(adapter_index, num_adapters):
     """ValueError unless every entry of adapter_index is in [-1, num_adapters). Checked here, in host code that
     every call with check_adapter_index=True runs, eager or under torch.compile (the op is opaque to the compiler,
     so this costs no graph break). Reading min and max costs one device sync per call; skipped while a CUDA graph
     is being captured, where a sync is not allowed."""
-    if adapter_index.numel() == 0:
-        return
-    if adapter_index.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _values_unreadable(adapter_index):
         return
     low, high = torch.stack(torch.aminmax(adapter_index)).tolist()
     if low < -1 or high >= num_adapters:
@@ -266,7 +269,7 @@ def _check_head_index_values(head_index, num_heads):
     skip a head out of range (and use only one slot of a repeated head) while the backward without grad_z reads
     that head's columns, outside g. Free for a CPU index; one device sync otherwise (skipped while a CUDA graph
     is captured)."""
-    if head_index.numel() == 0 or (head_index.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if _values_unreadable(head_index):
         return
     values = head_index.tolist()
     if min(values) < 0 or max(values) >= num_heads:

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .ops import triton_interpreter_enabled
+from .ops import triton_interpreter_enabled, triton_unavailable_reason
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -29,10 +29,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def runs_compiled_kernels(model: nn.Module) -> bool:
     """Whether `model` can run LoFiT's compiled Triton kernels: it is on a CUDA device and Triton is not in its
     interpreter."""
-    import importlib.util
-
-    return (_model_device(model).type == "cuda" and importlib.util.find_spec("triton") is not None
-            and not triton_interpreter_enabled())
+    device = _model_device(model)
+    return device.type == "cuda" and triton_unavailable_reason(device) is None and not triton_interpreter_enabled()
 
 
 def warmup(model: nn.Module, seq_lens: Iterable[int], batch_sizes: Iterable[int] = (1,),

@@ -62,6 +62,15 @@ class Case:
     need_grad_offset: bool = False
     what: str = ""
 
+    def selected(self, num_heads: int) -> int:
+        """K: the heads this launch transforms."""
+        return num_heads if self.k is None else self.k
+
+    def grid_columns(self, num_heads: int) -> int:
+        """Axis 1 of the grid and of the backward's partial sums: every head, or only the selected ones when the
+        backward writes no grad_z."""
+        return num_heads if self.kernel == "forward" or self.need_grad_z else self.selected(num_heads)
+
 
 CASES = (
     Case("step1-forward", "forward", None, True, False, what="step 1: scales on every head"),
@@ -83,7 +92,7 @@ CASE_NAMES = tuple(case.name for case in CASES)
 def case_inputs(case: Case, num_heads: int, head_dim: int, tokens: int, dtype: torch.dtype) -> tuple:
     """Meta tensors of a case, (args of the launcher) for kernels.forward / kernels.backward."""
     meta = dict(device="meta")
-    k = num_heads if case.k is None else case.k
+    k = case.selected(num_heads)
     head_index = torch.tensor(selected_heads(num_heads, k), device=meta["device"])
     z = torch.empty(1, tokens, num_heads * head_dim, dtype=dtype, **meta)
     scale = torch.empty(k, head_dim, **meta) if case.scale else None
@@ -111,26 +120,21 @@ def resident_blocks(registers: int, warps: int, shared_bytes: int, limits: dict)
     return candidates[limit], by_registers, limit
 
 
-def traffic(case: Case, num_heads: int, head_dim: int, tokens: int, element: int, partial_rows: int,
-            partial_columns: Optional[int] = None) -> tuple:
+def traffic(case: Case, num_heads: int, head_dim: int, tokens: int, element: int, partial_rows: int) -> tuple:
     """(bytes one call moves, the fused design's minimum). Backward adds the fp32 partial sums, a row per chunk and
     selected head: written by the kernel and read by the host's sum, and when the buffer has a column per head but
-    only some are selected, also gathered first (read and written once more). `partial_columns` (default: the
-    launchers' layout) is the buffer's width."""
-    k = num_heads if case.k is None else case.k
+    only some are selected, also gathered first (read and written once more)."""
+    k = case.selected(num_heads)
     minimum = op_bytes(case.kernel, tokens, num_heads, head_dim, k, element, scale=case.scale, offset=case.offset)
     if case.kernel == "forward":
         return minimum, minimum
+    gradients = int(case.need_grad_scale) + int(case.need_grad_offset)
     if not case.need_grad_z:
         # No grad_z (offsets only, or the lowest patched layer): the selected heads' columns of g (and of the saved
         # z), the scale, and the gradients; op_bytes counts the grad_z pass of the layers above.
-        gradients = int(case.need_grad_scale) + int(case.need_grad_offset)
         slices = tokens * k * head_dim * element * (1 + int(case.need_grad_scale))
         minimum = slices + (int(case.scale) + gradients) * k * head_dim * 4
-    if partial_columns is None:
-        partial_columns = num_heads if case.need_grad_z else k
-    gradients = int(case.need_grad_scale) + int(case.need_grad_offset)
-    passes = 4 if partial_columns > k else 2
+    passes = 4 if case.grid_columns(num_heads) > k else 2
     return minimum + partial_rows * k * head_dim * 4 * passes * gradients, minimum
 
 
@@ -139,7 +143,7 @@ def loaded_per_iteration(case: Case, num_heads: int, head_dim: int, block_t: int
     tile = block_t * head_dim * element
     if case.kernel == "forward":
         return tile
-    k = num_heads if case.k is None else case.k
+    k = case.selected(num_heads)
     selected = tile * (2 if case.need_grad_scale else 1)  # g, and the saved z for grad_A
     if not case.need_grad_z:
         return selected  # the grid walks the selected heads only
@@ -177,8 +181,7 @@ def _stream_lines(kernel_source: str) -> set:
 
 
 def analyse(compiled, config, launch_programs: int, case: Case, shape: tuple, tokens: int, element: int,
-            arch: int, partial_rows: int, kernel_file: str, stream_lines: set,
-            partial_columns: Optional[int] = None) -> dict:
+            arch: int, partial_rows: int, kernel_file: str, stream_lines: set) -> dict:
     """One (case, config) row of the report from its CompiledKernel."""
     from ..kernels import cross_compile
 
@@ -189,9 +192,15 @@ def analyse(compiled, config, launch_programs: int, case: Case, shape: tuple, to
     warps = config.num_warps
     resident, by_registers, limit = resident_blocks(usage["registers"], warps, usage["shared_bytes"], limits)
     try:
-        accesses, width_source = cross_compile.memory_accesses(cubin), "sass"
+        sass = cross_compile.disassemble(cubin)
     except (RuntimeError, subprocess.CalledProcessError):
+        sass = None  # widths from the PTX; no barrier or shuffle counts
+    if sass is not None:
+        accesses, width_source = cross_compile.memory_accesses(sass), "sass"
+        counts = cross_compile.sass_counts(sass)
+    else:
         accesses, width_source = cross_compile.ptx_memory_accesses(compiled.asm["ptx"]), "ptx"
+        counts = {"BAR.SYNC": None, "SHFL": None}
     streams = [a for a in accesses if a.file == kernel_file and a.line in stream_lines]
     histogram = {}
     for access in streams:
@@ -199,7 +208,7 @@ def analyse(compiled, config, launch_programs: int, case: Case, shape: tuple, to
     loops = cross_compile.reductions(compiled.asm["ttgir"])
     trips = cross_compile.round_trips(compiled.asm["ttgir"],
                                       lambda file, line: file == kernel_file and line in stream_lines)
-    bytes_moved, minimum = traffic(case, num_heads, head_dim, tokens, element, partial_rows, partial_columns)
+    bytes_moved, minimum = traffic(case, num_heads, head_dim, tokens, element, partial_rows)
     block_t = config.kwargs["BLOCK_T"]
     loaded = loaded_per_iteration(case, num_heads, head_dim, block_t, element)
     if case.kernel == "forward":
@@ -211,20 +220,19 @@ def analyse(compiled, config, launch_programs: int, case: Case, shape: tuple, to
                     + loops["conversions_inside_loops"] * CONVERSION_NS)
     model = predicted_fraction(bytes_moved, minimum, _read_share(case, num_heads), loaded, iterations, iteration_ns,
                                overhead, resident, launch_programs, limits["multiprocessors"], CARDS[arch][1])
-    sass = cross_compile.sass_counts(cubin)
     return dict(
         block_t=config.kwargs["BLOCK_T"], num_warps=warps, num_stages=config.num_stages, programs=launch_programs,
         **usage, resident_blocks=resident, resident_limit=limit, resident_blocks_by_registers=by_registers,
         width_source=width_source, stream_access_bits=histogram,
         min_stream_bits=min((access.bits for access in streams), default=None),
         reductions=loops["total"], reductions_in_loops=loops["inside_loops"],
-        conversions_in_loops=loops["conversions_inside_loops"], barriers=sass["BAR.SYNC"], shuffles=sass["SHFL"],
+        conversions_in_loops=loops["conversions_inside_loops"], barriers=counts["BAR.SYNC"], shuffles=counts["SHFL"],
         round_trips=trips, iterations_per_program=iterations, bytes=bytes_moved, min_bytes=minimum, **model)
 
 
 def _read_share(case: Case, num_heads: int) -> float:
     """Reads / (reads + writes) of the stream traffic, for the read share of the bandwidth."""
-    k = num_heads if case.k is None else case.k
+    k = case.selected(num_heads)
     if case.kernel == "forward":
         saved = k / num_heads if case.save_selected and k < num_heads else 0.0
         return 1.0 / (2.0 + saved)
@@ -244,6 +252,8 @@ def run_case(case: Case, arch: int, shape_name: str, tokens: int, dtype: torch.d
         tokens: tokens in the batch.
         dtype: of the activations.
     """
+    import triton
+
     from ..kernels import cross_compile, head_affine
 
     num_heads, head_dim = SHAPES[shape_name]
@@ -256,21 +266,16 @@ def run_case(case: Case, arch: int, shape_name: str, tokens: int, dtype: torch.d
     element = torch.finfo(dtype).bits // 8
     rows = []
     for launch in compiler.launches:
-        fixed = head_affine.fixed_config(launch.kept, triton_next_power_of_2(head_dim))
+        fixed = head_affine.fixed_config(launch.kept, triton.next_power_of_2(head_dim))
         for config, compiled in launch.compiled:
             programs = launch.programs(config)
-            columns = num_heads if case.kernel == "forward" or case.need_grad_z else (case.k or num_heads)
             row = dict(case=case.name, what=case.what, kernel=case.kernel, shape=shape_name, heads=num_heads,
-                       head_dim=head_dim, k=case.k or num_heads, tokens=tokens, dtype=str(dtype).replace("torch.", ""),
-                       arch=arch, deterministic_config=config is fixed)
+                       head_dim=head_dim, k=case.selected(num_heads), tokens=tokens,
+                       dtype=str(dtype).replace("torch.", ""), arch=arch, deterministic_config=config is fixed)
             row.update(analyse(compiled, config, programs, case, (num_heads, head_dim), tokens, element, arch,
-                               programs // columns, kernel_file, stream_lines))
+                               programs // case.grid_columns(num_heads), kernel_file, stream_lines))
             rows.append(row)
     return rows
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------------------------
