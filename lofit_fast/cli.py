@@ -24,9 +24,7 @@ import warnings
 from .data import PREFERENCE_TASKS, TASK_ALIASES, TASKS, canonical_task
 from .ranking import LOCALIZERS, HeadRanking, resolve_k
 from .serving import ENGINES
-
-PAPER_MODELS = ("llama-2-7b", "llama-2-13b", "gemma-7b")  # training.PAPER_SETTINGS_BY_MODEL's keys, likewise
-
+from .settings import PAPER_SETTINGS_BY_MODEL, paper_settings
 
 # ----------------------------------------------------------------------------------------------
 # Loading
@@ -119,8 +117,6 @@ def _dataset(args, examples: list, tokenizer):
 def _settings(args, step: str, model):
     """(the step's settings, the default K): the paper's for the task and the model (or --paper-model), with
     the options given on the command line; printed, as they are also saved with the results."""
-    from .training import paper_settings
-
     settings = paper_settings(args.task, model=model, paper_model=args.paper_model)
     chosen = settings[step]
     for name in ("learning_rate", "l1_lambda", "num_train_epochs", "per_device_train_batch_size", "seed",
@@ -387,7 +383,7 @@ def _add_training_arguments(parser):
     parser.add_argument("--train-size", dest="train_size", type=int,
                         help="train on a seeded random subset of this many examples, 0 for all (default: the "
                              "paper's: 300 for clutrr, all for the other tasks)")
-    parser.add_argument("--paper-model", choices=PAPER_MODELS,
+    parser.add_argument("--paper-model", choices=tuple(PAPER_SETTINGS_BY_MODEL),
                         help="use the paper's settings for this model (default: the one with the model's shape, "
                              "else llama-2-7b)")
 
@@ -481,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                  "paper's)")
     compare.add_argument("--batch-size", dest="per_device_train_batch_size", type=int)
     compare.add_argument("--train-size", dest="train_size", type=int)
-    compare.add_argument("--paper-model", choices=PAPER_MODELS)
+    compare.add_argument("--paper-model", choices=tuple(PAPER_SETTINGS_BY_MODEL))
     compare.add_argument("--max-length", type=int, default=512)
     compare.add_argument("--max-new-tokens", type=int, default=16)
     compare.add_argument("--eval-batch-size", type=int, default=16)

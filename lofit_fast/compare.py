@@ -244,10 +244,9 @@ def _lofit_run(bench, method: Method, rows: list, run: Run, ranking) -> tuple:
 
 def _peft_run(bench, method: Method, rows: list, run: Run) -> tuple:
     from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback
 
     from .data import training_subset
-    from .training import training_arguments
+    from .training import quiet_when_asked, training_arguments
 
     settings = bench.tune_settings(run.seed, bench.peft_learning_rate(method.family))
     torch.manual_seed(run.seed)  # LoRA's A matrices are drawn when PEFT builds the layers
@@ -256,8 +255,7 @@ def _peft_run(bench, method: Method, rows: list, run: Run) -> tuple:
         # The same rows as step 2 trains on: its seeded subset when settings.train_size is set.
         trainer = Trainer(model=peft_model, args=arguments, data_collator=bench.collator,
                           train_dataset=training_subset(rows, settings.train_size, settings.seed))
-        if arguments.disable_tqdm and arguments.logging_strategy == "no":
-            trainer.remove_callback(PrinterCallback)  # as `tune` does: else it prints its end-of-training summary
+        quiet_when_asked(trainer)  # as `tune` does
         with _training_quietly(bench):
             trainer.train()
         trainable, total = peft_model.get_nb_trainable_parameters()

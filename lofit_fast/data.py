@@ -524,6 +524,11 @@ def chat_prompt(prompt: str, tokenizer) -> str:
 def chat_completion(prompt: str, completion: str, tokenizer) -> str:
     """What the chat template writes after `chat_prompt(prompt)` for the assistant's turn `completion`: the
     answer and the template's end of turn."""
+    return _chat_turns(prompt, completion, tokenizer)[1]
+
+
+def _chat_turns(prompt: str, completion: str, tokenizer) -> tuple[str, str]:
+    """(`chat_prompt(prompt)`, `chat_completion(prompt, completion)`), the template rendered once for each."""
     head = chat_prompt(prompt, tokenizer)
     whole = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                            {"role": "assistant", "content": completion}], tokenize=False,
@@ -531,7 +536,7 @@ def chat_completion(prompt: str, completion: str, tokenizer) -> str:
     if not whole.startswith(head):
         raise ValueError("the tokenizer's chat template writes the user's turn differently when an answer follows "
                          "it, so where the answer starts is not known; train without --chat-template")
-    return whole[len(head):]
+    return head, whole[len(head):]
 
 
 def _prompt_and_completion_ids(prompt: str, completion: str, tokenizer, chat_template: bool = False,
@@ -553,8 +558,9 @@ def _prompt_and_completion_ids(prompt: str, completion: str, tokenizer, chat_tem
     its own instead.
     """
     special = not chat_template
-    if chat_template:
-        completion = chat_completion(prompt, completion, tokenizer) if end_turn else completion
+    if chat_template and end_turn:
+        prompt, completion = _chat_turns(prompt, completion, tokenizer)
+    elif chat_template:
         prompt = chat_prompt(prompt, tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
     whole_ids = tokenizer(prompt + completion, add_special_tokens=special)["input_ids"]
