@@ -6,8 +6,11 @@ Triton reads when a kernel is *defined*, so it is set here, before any test modu
 `lofit_fast` (and through it `lofit_fast.kernels`). `import torch` does not import Triton.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # `python -m pytest` puts the working directory first on sys.path. Run from the repository root, its kernels/
 # folder (installed as lofit_fast.kernels) would then be the top-level `kernels` module and shadow the Hugging
@@ -15,6 +18,12 @@ import sys
 # installation (pip install -e .), not from the root.
 _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _REPOSITORY]
+
+# A fresh torch.compile cache for every run, as on a clean CI machine: a warm cache left in /tmp by an earlier
+# run once hid a failure (a compiled backward that donates its saved buffers) that only a clean machine showed.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="lofit-tests-torch-compile-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
 
