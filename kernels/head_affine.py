@@ -12,6 +12,7 @@ is how `lofit_fast.kernels.cross_compile` compiles them for CUDA targets without
 they do (out of place, the grids, no atomics, int64 offsets, fp32 math): kernels/README.md.
 """
 
+import functools
 import math
 import os
 from typing import Optional
@@ -258,6 +259,14 @@ def fixed_config(kept: list, block_d: int):
     return min(kept, key=preference)
 
 
+@functools.lru_cache(maxsize=None)
+def _deterministic_config(kernel: str, block_d: int, tokens_bucket: int):
+    """fixed_config of the kept configs of `kernel` for one launch shape, worked out once per shape (a launch
+    otherwise spends microseconds of host time on it)."""
+    configs = _FORWARD_CONFIGS if kernel == "forward" else _BACKWARD_CONFIGS
+    return fixed_config(kept_configs(kernel, configs, block_d, tokens_bucket), block_d)
+
+
 def deterministic() -> bool:
     """Whether launches use `fixed_config` instead of the autotuner: under
     `torch.use_deterministic_algorithms(True)` or with LOFIT_FAST_DETERMINISTIC=1."""
@@ -375,8 +384,7 @@ class HeadAffineKernels:
         # Explicit, so that no Triton version's default decides whether y * (1 + a) + v rounds once or twice.
         constexprs["enable_fp_fusion"] = True
         if deterministic():
-            kept = kept_configs(name, kernel.configs, constexprs["BLOCK_D"], tokens_bucket)
-            config = fixed_config(kept, constexprs["BLOCK_D"])
+            config = _deterministic_config(name, constexprs["BLOCK_D"], tokens_bucket)
             kernel, constexprs = kernel.fn, dict(constexprs, **config.all_kwargs())
         if self.compile_only:
             self.compiled.append((name, kernel.run(*args, grid=grid, warmup=True, **constexprs), grid))

@@ -124,10 +124,11 @@ def plan_biases(model: nn.Module, engine: str) -> BiasPlan:
 
 def attention_projections(model: nn.Module, o_projs: list[nn.Module]) -> list[nn.Linear]:
     """The linear projections beside each o_proj in its attention module (q, k, v, or a fused qkv)."""
+    parents = {id(child): module for module in model.modules() for child in module.children()}
     projections = []
     for o_proj in o_projs:
-        attention = next(module for module in model.modules() if any(child is o_proj for child in module.children()))
-        projections += [child for child in attention.children() if isinstance(child, nn.Linear) and child is not o_proj]
+        projections += [child for child in parents[id(o_proj)].children()
+                        if isinstance(child, nn.Linear) and child is not o_proj]
     return projections
 
 

@@ -19,11 +19,13 @@ import tempfile
 _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _REPOSITORY]
 
-# A fresh torch.compile cache for every run, as on a clean CI machine: a warm cache left in /tmp by an earlier
-# run once hid a failure (a compiled backward that donates its saved buffers) that only a clean machine showed.
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="lofit-tests-torch-compile-")
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+# Fresh caches for every run, as on a clean CI machine: a warm torch.compile cache left in /tmp by an earlier run
+# once hid a failure (a compiled backward that donates its saved buffers) that only a clean machine showed. The
+# demo's pretrained base (lofit_fast.demo.cache_dir) likewise never comes from a user's cache.
+_CACHES = tempfile.mkdtemp(prefix="lofit-tests-caches-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHES, "torch_compile")
+os.environ["LOFIT_CACHE"] = os.path.join(_CACHES, "lofit_fast")
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
 
 import torch  # noqa: E402
 
