@@ -24,16 +24,14 @@ from typing import Optional
 import torch
 import triton
 
-# What each architecture stands for, and its per-multiprocessor limits (CUDA programming guide, "compute
-# capabilities"), for the occupancy figures.
+# Each architecture's per-multiprocessor limits (CUDA programming guide, "compute capabilities") and the
+# multiprocessors of the card it is predicted for (lofit_fast.bench.static.CARDS names it), for the occupancy
+# figures.
 TARGETS = {
-    80: dict(device="A100", multiprocessors=108, max_warps=64, max_blocks=32, registers=65536, shared_kib=164),
-    86: dict(device="RTX 3090 / A6000", multiprocessors=84, max_warps=48, max_blocks=16, registers=65536,
-             shared_kib=100),
-    89: dict(device="RTX 4090 / L4", multiprocessors=128, max_warps=48, max_blocks=24, registers=65536,
-             shared_kib=100),
-    90: dict(device="H100 / H200", multiprocessors=132, max_warps=64, max_blocks=32, registers=65536,
-             shared_kib=228),
+    80: dict(multiprocessors=108, max_warps=64, max_blocks=32, registers=65536, shared_kib=164),
+    86: dict(multiprocessors=84, max_warps=48, max_blocks=16, registers=65536, shared_kib=100),
+    89: dict(multiprocessors=128, max_warps=48, max_blocks=24, registers=65536, shared_kib=100),
+    90: dict(multiprocessors=132, max_warps=64, max_blocks=32, registers=65536, shared_kib=228),
 }
 
 
@@ -300,8 +298,8 @@ def memory_accesses(sass: str) -> list:
     return accesses
 
 
-def sass_counts(sass: str, opcodes=("BAR.SYNC", "SHFL", "STS", "LDS")) -> dict:
-    """How many of each opcode (prefix) the SASS (`disassemble`) holds: barriers, shuffles, shared-memory traffic."""
+def sass_counts(sass: str, opcodes=("BAR.SYNC", "SHFL")) -> dict:
+    """How many of each opcode (prefix) the SASS (`disassemble`) holds: by default barriers and shuffles."""
     counts = dict.fromkeys(opcodes, 0)
     for row in sass.splitlines():
         instruction = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", row)

@@ -13,8 +13,8 @@ from .version import __version__
 # The training steps import transformers' Trainer and the k-bit helpers bitsandbytes (seconds each):
 # loaded on first use, so `import lofit_fast` and patch_model stay quick.
 _LAZY = {"prepare_kbit_training": "quantization", "quantization_info": "quantization",
-         "select_heads": "training", "tune": "training", "HeadRanking": "ranking", "StepSettings": "training",
-         "paper_settings": "training", "random_ranking": "ranking", "LofitCheckpointing": "training",
+         "select_heads": "training", "tune": "training", "HeadRanking": "ranking", "StepSettings": "settings",
+         "paper_settings": "settings", "random_ranking": "ranking", "LofitCheckpointing": "training",
          "probe_ranking": "probing",
          "LofitConfig": "lofit_model", "LofitModel": "lofit_model", "get_lofit_model": "lofit_model"}
 

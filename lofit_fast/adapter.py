@@ -302,8 +302,3 @@ def copy_values(parameters, tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
             parameter = getattr(parameters, name)
             parameter.copy_(tensor.to(parameter.device, parameter.dtype))
-
-
-def merge_and_unload(handle: LofitHandle, engine: str = "transformers") -> nn.Module:
-    """`handle.merge_and_unload(engine)` (the merge itself is in `lofit_fast.merge`); kept under this name."""
-    return handle.merge_and_unload(engine)

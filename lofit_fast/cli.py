@@ -21,7 +21,17 @@ import os
 import sys
 import warnings
 
-from .data import PREFERENCE_TASKS, TASK_ALIASES, TASKS, canonical_task
+from .data import (
+    PREFERENCE_TASKS,
+    TASK_ALIASES,
+    TASKS,
+    PreferenceCollator,
+    SFTCollator,
+    canonical_task,
+    load_task,
+    tokenize_preference,
+    tokenize_sft,
+)
 from .ranking import LOCALIZERS, HeadRanking, resolve_k
 from .serving import ENGINES
 from .settings import PAPER_SETTINGS_BY_MODEL, paper_settings
@@ -52,8 +62,12 @@ def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool
     if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path, "config.json")):
         raise FileNotFoundError(f"{name_or_path} has no config.json: give a model directory written by "
                                 f"save_pretrained (an adapter directory goes to --adapter)")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)  # read once, handed to from_pretrained below
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not load a model from {name_or_path!r}: {_one_line(error)}") from None
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if training and dtype == "auto" and _checkpoint_dtype(AutoConfig, name_or_path) == torch.float16:
+    if training and dtype == "auto" and _declared_dtype(config) == torch.float16:
         print("lofit: note: the checkpoint is float16, which would train without loss scaling; lofit loads it in "
               "float32 (--dtype bfloat16 takes half the memory, as the paper uses for Llama 2-13B and Gemma-7B)",
               file=sys.stderr)
@@ -69,7 +83,7 @@ def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool
         kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path) if with_tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **kwargs)
     except (OSError, ValueError) as error:
         raise ValueError(f"could not load a model from {name_or_path!r}: {_one_line(error)}") from None
     if tokenizer is not None and tokenizer.pad_token is None:
@@ -77,14 +91,10 @@ def load_model(name_or_path: str, load_in_8bit: bool = False, load_in_4bit: bool
     return model, tokenizer
 
 
-def _checkpoint_dtype(auto_config, name_or_path: str):
-    """The dtype a checkpoint's config.json declares (a torch.dtype), or None."""
+def _declared_dtype(config):
+    """The dtype a checkpoint's config declares (a torch.dtype), or None."""
     import torch
 
-    try:
-        config = auto_config.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"could not load a model from {name_or_path!r}: {_one_line(error)}") from None
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return getattr(torch, declared, None) if isinstance(declared, str) else declared
 
@@ -96,15 +106,11 @@ def _fields(args) -> dict:
 
 def _examples(args) -> list:
     """The task's examples (--data, --split, --*-field), read before the model so that bad data fails fast."""
-    from .data import load_task
-
     return load_task(args.task, args.data, fields=_fields(args), split=args.split)
 
 
 def _dataset(args, examples: list, tokenizer):
     """Tokenized training rows and the collator that batches them."""
-    from .data import PreferenceCollator, SFTCollator, tokenize_preference, tokenize_sft
-
     if args.task in PREFERENCE_TASKS:
         rows = [tokenize_preference(example, tokenizer, args.max_length, chat_template=args.chat_template)
                 for example in examples]

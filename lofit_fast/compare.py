@@ -129,12 +129,10 @@ class DemoBench:
         return demo.next_token_accuracy(self.model, self._task_data(task, 0)[1], self.tokenizer)
 
     def select_settings(self, seed: int):
-        s = self.settings
-        return demo.step_settings(s, s.select_lr, s.select_steps, s.l1_lambda, seed)
+        return demo.select_step_settings(self.settings, seed)
 
     def tune_settings(self, seed: int, learning_rate: Optional[float] = None):
-        s = self.settings
-        return demo.step_settings(s, s.tune_lr if learning_rate is None else learning_rate, s.tune_steps, 0.0, seed)
+        return demo.tune_step_settings(self.settings, seed, learning_rate)
 
     def peft_learning_rate(self, family: str) -> float:
         return self.comparison.ia3_lr if family == "ia3" else self.comparison.lora_lr
@@ -148,11 +146,11 @@ class ModelBench:
     quiet = False
     loss = "sft"
 
-    def __init__(self, model, tokenizer, task: str, train_rows: list, collator, eval_examples: list, *,
+    def __init__(self, model, tokenizer, train_rows: list, collator, eval_examples: list, *,
                  select_settings, tune_settings, lora_lr: float, ia3_lr: float, scratch: str,
                  training_args: Optional[dict], backend: str, max_new_tokens: int, eval_batch_size: int,
                  chat_template: bool):
-        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.model, self.tokenizer = model, tokenizer
         self.rows, self.collator, self.eval_examples = train_rows, collator, eval_examples
         self.select, self.tune, self.lora_lr, self.ia3_lr = select_settings, tune_settings, lora_lr, ia3_lr
         self.scratch, self.backend = scratch, backend
@@ -831,7 +829,7 @@ def compare_on_model(model, tokenizer, train_rows: list, collator, eval_examples
     check_peft_rows(model, methods)
     log = demo.Progress()
     with tempfile.TemporaryDirectory(prefix="lofit_compare_") as scratch:
-        bench = ModelBench(model, tokenizer, task, train_rows, collator, eval_examples,
+        bench = ModelBench(model, tokenizer, train_rows, collator, eval_examples,
                            select_settings=select_settings, tune_settings=tune_settings, lora_lr=lora_lr,
                            ia3_lr=ia3_lr, scratch=scratch, training_args=training_args, backend=backend,
                            max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size,

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .io import atomic_path, atomic_write_text
+from .settings import StepSettings
 
 # Bump when the task, the vocabulary or the pretraining recipe changes: it invalidates cached bases.
 DEMO_VERSION = 1
@@ -317,12 +318,21 @@ def quiet_trainer():
         transformers.logging.set_verbosity(verbosity)
 
 
-def step_settings(settings: DemoSettings, learning_rate: float, steps: int, l1_lambda: float, seed: int):
-    from .training import StepSettings
-
+def _step_settings(settings: DemoSettings, learning_rate: float, steps: int, l1_lambda: float, seed: int):
     return StepSettings(learning_rate=learning_rate, l1_lambda=l1_lambda, seed=seed,
                         num_train_epochs=steps * settings.batch_size / settings.train_examples,
                         per_device_train_batch_size=settings.batch_size)
+
+
+def select_step_settings(settings: DemoSettings, seed: int) -> StepSettings:
+    """Step 1 of the demo: scales on every head with the L1 penalty."""
+    return _step_settings(settings, settings.select_lr, settings.select_steps, settings.l1_lambda, seed)
+
+
+def tune_step_settings(settings: DemoSettings, seed: int, learning_rate: Optional[float] = None) -> StepSettings:
+    """Step 2 of the demo (and the PEFT rows of `lofit compare`, at their own `learning_rate`)."""
+    return _step_settings(settings, settings.tune_lr if learning_rate is None else learning_rate,
+                          settings.tune_steps, 0.0, seed)
 
 
 def score_spread(ranking, k: int) -> dict:
@@ -408,8 +418,7 @@ def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratc
     phase = time.perf_counter()
     with quiet_trainer():
         ranking = select_heads(model, train_rows, collate, loss="sft", localizer="lofit", output_dir=output_dir,
-                               settings=step_settings(settings, settings.select_lr, settings.select_steps,
-                                                      settings.l1_lambda, seed),
+                               settings=select_step_settings(settings, seed),
                                training_args=trainer_arguments(scratch), backend="torch")
     timings["step1_select"] = time.perf_counter() - phase
     spread = score_spread(ranking, k)
@@ -421,7 +430,7 @@ def _run(output_dir: str, settings: DemoSettings, quick: bool, seed: int, scratc
         """(handle, held-out accuracy) of offsets trained on the top-K heads of `tune_ranking`."""
         with quiet_trainer():
             handle = tune(model, train_rows, collate, ranking=tune_ranking, k=k, loss="sft",
-                          settings=step_settings(settings, settings.tune_lr, settings.tune_steps, 0.0, seed),
+                          settings=tune_step_settings(settings, seed),
                           training_args=trainer_arguments(scratch), backend="torch")
         return handle, next_token_accuracy(model, eval_examples, tokenizer)
 

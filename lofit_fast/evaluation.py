@@ -13,7 +13,7 @@ import string
 import torch
 from tqdm.auto import tqdm
 
-from .data import SFTCollator, chat_prompt, tokenize_sft
+from .data import SFTCollator, canonical_task, chat_prompt, load_task, load_truthfulqa_mc, tokenize_sft
 from .losses import sequence_logprobs
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +226,6 @@ def evaluation_examples(task: str, source, fields=None, split=None) -> list:
     """What a task is scored on: TruthfulQA's multiple-choice questions, or a supervised task's examples with
     their answers (`lofit_fast.data.load_task`'s `source`, `fields` and `split`). ValueError for dpo data, which
     has no answers to generate."""
-    from .data import canonical_task, load_task, load_truthfulqa_mc
-
     task = canonical_task(task)
     if task == "truthfulqa":
         return load_truthfulqa_mc(source, fields=fields, split=split)
@@ -248,8 +246,6 @@ def evaluate_examples(model, tokenizer, task: str, examples: list, max_new_token
         chat_template: prompts in the tokenizer's chat template.
         mc_prompt: TruthfulQA: "qa-primer" (TruthfulQA's six-shot primer, the default) or "zero-shot".
     """
-    from .data import canonical_task
-
     task = canonical_task(task)
     if task == "truthfulqa":
         return truthfulqa_mc_scores(model, tokenizer, examples, batch_size=batch_size, prompt=mc_prompt,

@@ -58,8 +58,7 @@ def write_config_and_weights(directory, config_name: str, config: dict, weights_
     holds a value that is not JSON (NaN and infinities included)."""
     import safetensors.torch
 
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = os.fspath(directory)  # atomic_path creates it when missing
     try:
         text = json.dumps(config, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as error:

@@ -237,7 +237,7 @@ class LofitModel(nn.Module):
         return cls(handle, config)
 
     def merge_and_unload(self, engine: str = "transformers") -> nn.Module:
-        """Fold the adapter into o_proj (see `lofit_fast.adapter.merge_and_unload`; `engine`: where the merged
+        """Fold the adapter into o_proj (see `LofitHandle.merge_and_unload`; `engine`: where the merged
         model will run), remove LoFiT and return the plain model."""
         return self.handle.merge_and_unload(engine)
 

@@ -299,6 +299,15 @@ class LofitHandle:
                                "and has no parameters; patch the model again (patch_model / load_adapter) to use LoFiT")
         return self.lofit
 
+    def _tuned_layers(self):
+        """(layer, its o_proj, the o_proj input columns of its heads, scale rows, offset rows) of every tuned
+        layer, the tensors on that o_proj's device: what a merge and a LoRA export fold."""
+        lofit = self._live()
+        o_projs = find_o_projs(self.model, self.target_module)
+        for layer in lofit.layers:
+            head_index, scale, offset = lofit.layer_tensors(layer, first_parameter_device(o_projs[layer]))
+            yield layer, o_projs[layer], head_columns(head_index, self.head_dim), scale, offset
+
     @property
     def scale(self) -> Optional[nn.Parameter]:
         return self._live().scale
@@ -340,16 +349,12 @@ class LofitHandle:
         """Write the adapter as a standard PEFT LoRA adapter of o_proj (adapter_config.json and
         adapter_model.safetensors, atomically), which `peft.PeftModel.from_pretrained` loads onto the base model
         without lofit_fast (`lofit_fast.export` says how)."""
-        lofit = self._live()
         spec = architecture_spec(self.model)
-        o_projs = find_o_projs(self.model, self.target_module)
         tensors = {}
         with torch.no_grad():
-            for layer in lofit.layers:
-                head_index, scale, offset = lofit.layer_tensors(layer, first_parameter_device(o_projs[layer]))
+            for layer, o_proj, columns, scale, offset in self._tuned_layers():
                 name = f"{spec.layers}.{layer}.{self.target_module or spec.o_proj}"
-                tensors.update(lora_of_layer(name, o_projs[layer], head_columns(head_index, self.head_dim), scale,
-                                             offset))
+                tensors.update(lora_of_layer(name, o_proj, columns, scale, offset))
         write_peft_lora(directory, tensors, getattr(self.model.config, "_name_or_path", None) or None)
 
     def merge_and_unload(self, engine: str = "transformers") -> nn.Module:
@@ -363,15 +368,14 @@ class LofitHandle:
                 zero biases; Mistral and Qwen2 without a sliding window come back as a LlamaForCausalLM holding
                 the same weights (a new model object); elsewhere ValueError naming the reason and the alternatives.
         """
-        lofit, model = self._live(), self.model
-        o_projs = find_o_projs(model, self.target_module)
-        with torch.no_grad():
-            folds = []
-            for layer in lofit.layers:
-                head_index, scale, offset = lofit.layer_tensors(layer, first_parameter_device(o_projs[layer]))
-                folds.append(plan_layer(o_projs[layer], layer, head_columns(head_index, self.head_dim), scale, offset))
+        self._live()
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+        model = self.model
+        o_projs = find_o_projs(model, self.target_module)
+        with torch.no_grad():
+            folds = [plan_layer(o_proj, layer, columns, scale, offset)
+                     for layer, o_proj, columns, scale, offset in self._tuned_layers()]
         bias_plan, missing_biases, llama_config = None, [], None
         if any(fold.offset is not None for fold in folds):
             bias_plan = plan_biases(model, engine)

@@ -1,6 +1,6 @@
 """Which serving engines keep a merged model's offsets, and how a merge makes sure they do.
 
-Merging folds LoFiT's offsets into new `o_proj` biases (`lofit_fast.adapter.merge_and_unload`). A saved
+Merging folds LoFiT's offsets into new `o_proj` biases (`LofitHandle.merge_and_unload`). A saved
 checkpoint keeps them only where the engine that loads it builds `o_proj` with a bias; where it does not,
 the engine drops the tensor without an error (vLLM logs it at DEBUG level, SGLang not at all, transformers in
 its load report). So `merge_and_unload(engine=...)` first decides, before changing anything, how the named

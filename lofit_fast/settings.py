@@ -53,6 +53,7 @@ PAPER_MODEL_SHAPES = {"llama-2-7b": ("llama", 32, 32, 32, 128), "llama-2-13b": (
 PAPER_SETTINGS = PAPER_SETTINGS_BY_MODEL["llama-2-7b"]  # the names earlier versions exported
 # Tasks without a paper setting (generic JSON lines) take the model's MQuAKE settings (SFT on short answers).
 GENERIC_TASK_SETTINGS = "mquake"
+# A name earlier versions exported (Llama 2-7B's); paper_settings picks GENERIC_TASK_SETTINGS for the model at hand.
 DEFAULT_SETTINGS = PAPER_SETTINGS[GENERIC_TASK_SETTINGS]
 
 

@@ -19,17 +19,13 @@ import torch
 from torch import nn
 
 from .ops import triton_interpreter_enabled, triton_unavailable_reason
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+from .patch import first_parameter_device
 
 
 def runs_compiled_kernels(model: nn.Module) -> bool:
     """Whether `model` can run LoFiT's compiled Triton kernels: it is on a CUDA device and Triton is not in its
     interpreter."""
-    device = _model_device(model)
+    device = first_parameter_device(model)
     return device.type == "cuda" and triton_unavailable_reason(device) is None and not triton_interpreter_enabled()
 
 
@@ -52,7 +48,7 @@ def warmup(model: nn.Module, seq_lens: Iterable[int], batch_sizes: Iterable[int]
     """
     if not runs_compiled_kernels(model):
         return []
-    device = _model_device(model)
+    device = first_parameter_device(model)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if backward is None:
         backward = model.training and bool(trainable)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..patch import find_o_projs, patch_model
+from ..settings import PAPER_SETTINGS_BY_MODEL
 from .common import (
     DTYPES,
     add_run_arguments,
@@ -45,14 +46,15 @@ from .common import (
 
 IMPLS = ("floor", "lofit_fast", "eager_hook", "qlora")
 METHODS = ("step1", "step2", "step2-scale")
-STEP1_L1 = 5e-4  # the paper's step-1 l1_lambda for Llama-2-7B on TruthfulQA
+STEP1_L1 = PAPER_SETTINGS_BY_MODEL["llama-2-7b"]["truthfulqa"]["select"].l1_lambda  # the step-1 penalty timed
 QUANTS = ("nf4", "int8")
 # Llama-2 shapes (vocab 32000, MHA, head_dim 128).
 MODELS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
 }
-PAPER_K = 48  # step-2 heads for Llama-2-13B in the paper; 1.2 heads per layer on 13B, 1.5 on 7B
+# Step-2 heads for Llama-2-13B in the paper; 1.2 heads per layer on 13B, 1.5 on 7B.
+PAPER_K = PAPER_SETTINGS_BY_MODEL["llama-2-13b"]["truthfulqa"]["k"]
 GIB = 2**30
 
 
@@ -182,7 +184,7 @@ def _trains(method: str) -> tuple[bool, bool]:
 
 def _attach_lofit(model, heads, method) -> Attached:
     train_scale, train_offset = _trains(method)
-    handle = patch_model(model, None if method == "step1" else heads, scale=train_scale, offset=train_offset)
+    handle = patch_model(model, heads, scale=train_scale, offset=train_offset)
     trained = [parameter for parameter in (handle.scale, handle.offset) if parameter is not None]
     with torch.no_grad():
         for parameter in trained:

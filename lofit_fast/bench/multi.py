@@ -60,10 +60,7 @@ def save_random_adapters(model: nn.Module, directory: str, count: int, kind: str
     for number in range(count):
         heads = random_heads(config.num_hidden_layers, config.num_attention_heads, heads_per_adapter, seed=number)
         handle = patch_model(model, heads, backend="torch", **KINDS[kind])
-        generator = torch.Generator().manual_seed(number)
-        with torch.no_grad():
-            for parameter in handle.lofit.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        handle.lofit.initialize(0.1, number)
         directories[f"task{number}"] = os.path.join(directory, f"{kind}-{count}-{number}")
         handle.save_pretrained(directories[f"task{number}"])
         handle.remove()
