@@ -50,6 +50,16 @@ def run_in_fresh_process(jobs: dict, directory) -> dict:
     return torch.load(out_path)
 
 
+def run_and_generate(model, ids, max_new_tokens: int) -> tuple:
+    """(logits of `ids`, greedy tokens, the logits of each generated step), all fp32."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    return logits, out.sequences, torch.stack(out.logits).float()
+
+
 def main(jobs_path, out_path):
     torch.set_num_threads(1)
     with open(jobs_path) as file:
@@ -61,12 +71,8 @@ def main(jobs_path, out_path):
         if case["adapter"] is not None:
             model = PeftModel.from_pretrained(model, case["adapter"])
         model.eval()
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits.float()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=jobs["max_new_tokens"], output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=0)
-        results[name] = {"logits": logits, "tokens": out.sequences, "step_logits": torch.stack(out.logits).float()}
+        logits, tokens, step_logits = run_and_generate(model, ids, jobs["max_new_tokens"])
+        results[name] = {"logits": logits, "tokens": tokens, "step_logits": step_logits}
     results["lofit_fast_imported"] = any(module.split(".")[0] == "lofit_fast" for module in sys.modules)
     torch.save(results, out_path)
 

@@ -43,10 +43,7 @@ def patched(model, scale=True, offset=True, heads=HEADS, magnitude=0.5, seed=1, 
     """`model` patched on `heads` with random, clearly non-zero LoFiT parameters (frozen ones, as
     `load_adapter(..., trainable=False)` loads them, with trainable=False)."""
     handle = attach(model, heads, scale=scale, offset=offset, backend="torch", target_module=None, trainable=trainable)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in handle.lofit.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * magnitude)
+    handle.lofit.initialize(magnitude, seed)
     return handle
 
 

@@ -5,11 +5,11 @@ user's model through the command line."""
 import contextlib
 import io
 import json
-import struct
 from dataclasses import replace
 
 import pytest
 import torch
+from test_demo import png_size
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lofit_fast import compare, demo
@@ -17,18 +17,12 @@ from lofit_fast.cli import main
 
 from bnb_cpu import CPU_KINDS, cpu_kind, is_repacked
 from helpers import QUANTIZABLE_CONFIG, save_tiny_model_and_tokenizer
+from test_data import write_json_lines
 
 peft = pytest.importorskip("peft")
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The demo's QUICK comparison on a base pretrained for 20 steps (about a second): a smoke run of every row.
 TINY = replace(compare.QUICK, demo=replace(demo.QUICK, pretrain_steps=20))
-
-
-def png_size(path) -> tuple:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    return struct.unpack(">II", data[16:24])  # the IHDR chunk: width, height
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +216,7 @@ QUESTIONS = [("What is the capital of France?", " Rome"), ("Can pigs fly?", " No
 
 
 def write_sft(path, pairs):
-    path.write_text("".join(json.dumps({"prompt": f"Q: {q} A:", "completion": a}) + "\n" for q, a in pairs))
-    return path
+    return write_json_lines(path, [{"prompt": f"Q: {q} A:", "completion": a} for q, a in pairs])
 
 
 @pytest.fixture(scope="module")

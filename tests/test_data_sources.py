@@ -18,7 +18,7 @@ from lofit_fast.data import (
 from lofit_fast.evaluation import answer_logprobs, extract_answer, generate_answers, is_correct
 
 from helpers import save_tiny_model_and_tokenizer, tiny_model, tiny_tokenizer
-from test_data import TRUTHFULQA_HEADER, truthfulqa_row, write_csv
+from test_data import TRUTHFULQA_HEADER, truthfulqa_row, write_csv, write_json_lines, write_json_list
 
 datasets = pytest.importorskip("datasets")
 
@@ -31,8 +31,8 @@ EXPECTED = [{"prompt": row["question"], "completion": row["answer"], "answers": 
 def write_sources(root):
     """The same rows in every kind of source `load_task` reads; (name, source, split) each."""
     dataset = datasets.Dataset.from_list(ROWS)
-    (root / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    (root / "rows.json").write_text(json.dumps(ROWS))
+    write_json_lines(root / "rows.jsonl", ROWS)
+    write_json_list(root / "rows.json", ROWS)
     dataset.to_csv(str(root / "rows.csv"), index=False)
     dataset.to_parquet(str(root / "rows.parquet"))
     dataset.save_to_disk(str(root / "saved_dataset"))

@@ -18,7 +18,7 @@ import lofit_fast
 from lofit_fast.cli import main
 from lofit_fast.export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 
-from fresh_process import run_in_fresh_process
+from fresh_process import QUANTIZATIONS, run_and_generate, run_in_fresh_process
 from helpers import QUANTIZABLE_CONFIG, assert_same_greedy_run
 
 pytest.importorskip("peft")
@@ -39,28 +39,17 @@ def load_base(directory, quantization):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_pretrained(
-            directory, device_map="cpu", quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
+            directory, device_map="cpu", quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[quantization])).eval()
 
 
 def patched(model, mode, seed=1):
     """Random, clearly non-zero parameters; a few scale entries exactly zero (they need no LoRA rank)."""
     handle = lofit_fast.patch_model(model, HEADS, backend="torch", **MODES[mode])
-    generator = torch.Generator().manual_seed(seed)
+    handle.lofit.initialize(0.5, seed)
     with torch.no_grad():
-        for parameter in handle.lofit.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
         if handle.scale is not None:
             handle.scale[1, :5] = 0.0  # head (0, 1): the only head of layer 0
     return handle
-
-
-def run_and_generate(model):
-    with torch.no_grad():
-        logits = model(IDS).logits.float()
-        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return logits, out.sequences, torch.stack(out.logits).float()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +60,7 @@ def exported(quantizable_base, tmp_path_factory):
     for quantization, mode in CASES:
         name = f"{quantization}-{mode}"
         handle = patched(load_base(quantizable_base, quantization), mode)
-        expected[name] = run_and_generate(handle.model)
+        expected[name] = run_and_generate(handle.model, IDS, MAX_NEW_TOKENS)
         handle.export_peft_lora(root / name)
         cases[name] = {"model": str(quantizable_base), "adapter": str(root / name),
                        "quantization": None if quantization == "plain" else quantization}

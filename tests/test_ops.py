@@ -348,10 +348,6 @@ def test_launchers_write_every_element(head_index, mode, device, nan_filled_allo
         torch.testing.assert_close(grad_offset.double(), ref_grads["offset"], **PARAM_GRAD_TOL)
 
 
-def _fp64(tensor):
-    return None if tensor is None else tensor.double()
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant.id for variant in VARIANTS])
 def test_kernel_variant_matches_torch(variant, device, nan_filled_allocations):
     """Each launch of kernel_variants.VARIANTS (the list test_kernels_compile compiles for four GPU targets) on this
@@ -362,8 +358,8 @@ def test_kernel_variant_matches_torch(variant, device, nan_filled_allocations):
     head_dim = variant.head_dim
     if variant.kernel == "forward":
         out, z_selected = result
-        expected, _ = head_affine_torch_forward(inputs.z.double(), inputs.head_index, _fp64(inputs.scale),
-                                                _fp64(inputs.offset), False, inputs.adapter_index)
+        expected, _ = head_affine_torch_forward(inputs.z.double(), inputs.head_index, as_fp64(inputs.scale),
+                                                as_fp64(inputs.offset), False, inputs.adapter_index)
         assert_matches(out, expected, variant.dtype, "forward output")
         heads = variant.heads
         if variant.scale and variant.save_selected and len(heads) < variant.num_heads:
@@ -374,7 +370,7 @@ def test_kernel_variant_matches_torch(variant, device, nan_filled_allocations):
         return
     grad_z, grad_scale, grad_offset = result
     expected = head_affine_torch_backward(
-        inputs.grad_out.double(), _fp64(inputs.saved), inputs.head_index, _fp64(inputs.scale), head_dim,
+        inputs.grad_out.double(), as_fp64(inputs.saved), inputs.head_index, as_fp64(inputs.scale), head_dim,
         variant.need_grad_z, variant.need_grad_scale, variant.need_grad_offset, inputs.adapter_index)
     assert (grad_z is None) == (expected[0] is None), "grad_z written when it should not be, or the reverse"
     if grad_z is not None:

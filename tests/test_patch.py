@@ -46,16 +46,9 @@ def left_padded_batch(device, seed=0, length=9, vocab=97):
 def randomize(handle, seed=0, magnitude=0.5):
     """Random non-zero LoFiT parameters (under no_grad); returns detached copies that require grad,
     for the reference hook."""
-    generator = torch.Generator().manual_seed(seed)
-    copies = []
-    with torch.no_grad():
-        for param in (handle.scale, handle.offset):
-            if param is None:
-                copies.append(None)
-                continue
-            param.copy_(magnitude * torch.randn(param.shape, generator=generator))
-            copies.append(param.detach().clone().requires_grad_())
-    return copies
+    handle.lofit.initialize(magnitude, seed)
+    return [None if param is None else param.detach().clone().requires_grad_()
+            for param in (handle.scale, handle.offset)]
 
 
 def loss_of(logits, mask, seed=1):

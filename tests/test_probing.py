@@ -13,7 +13,6 @@ import random
 import pytest
 import torch
 
-from lofit_fast import cli, training
 from lofit_fast.cli import main
 from lofit_fast.data import PreferenceCollator, SFTCollator
 from lofit_fast.probing import MIN_PAIRS, fit_probes, probe_ranking, sft_contrast_pairs
@@ -220,7 +219,6 @@ def test_select_heads_with_the_probe_writes_a_loadable_ranking(tmp_path):
 
 
 def test_cli_select_with_the_probe(tmp_path, capsys):
-    assert cli.LOCALIZERS == training.LOCALIZERS
     save_tiny_model_and_tokenizer(tmp_path / "model")
     people = [("Anna", "Bob", "son"), ("Cleo", "Roy", "nephew"), ("Mary", "Kelly", "daughter"), ("Guy", "Ann", "aunt")]
     write_json_list(tmp_path / "clutrr.json", [clutrr_row(*names) for names in people * 3])

@@ -17,7 +17,7 @@ import lofit_fast
 from lofit_fast.cli import main
 
 from fresh_process import run_in_fresh_process
-from helpers import save_tiny_model_and_tokenizer, tiny_model, tiny_tokenizer
+from helpers import save_tiny_model_and_tokenizer, tiny_model
 
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 HEADS = [(2, 5), (0, 1), (1, 3)]
@@ -44,10 +44,7 @@ def logits(model):
 
 def patched(model, scale=True):
     handle = lofit_fast.patch_model(model, HEADS, scale=scale, offset=True, backend="torch")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in handle.lofit.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    handle.lofit.initialize(0.5, seed=1)
     return handle
 
 
@@ -144,8 +141,8 @@ def test_an_unknown_engine_is_refused():
 
 
 def test_the_command_line_refuses_with_the_reason(tmp_path, capsys):
-    save_tiny_model_and_tokenizer(tmp_path / "model", model_type="qwen3")
-    handle = patched(tiny_model("qwen3", vocab_size=len(tiny_tokenizer())))
+    model, _ = save_tiny_model_and_tokenizer(tmp_path / "model", model_type="qwen3")
+    handle = patched(model)
     handle.save_pretrained(tmp_path / "adapter")
     arguments = ["merge", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"), "--output-dir"]
     assert main([*arguments, str(tmp_path / "for_vllm"), "--for", "vllm"]) == 2
